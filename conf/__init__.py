@@ -1,0 +1,1 @@
+"""YAML config groups, composed by grpo_ray.config.load_config."""

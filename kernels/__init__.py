@@ -1,0 +1,1 @@
+"""Log-probability kernels: plain-torch reference (CPU path, test oracle) and Triton (CUDA)."""
