@@ -120,6 +120,8 @@ class TrainerConfig:
     async_steps: int = 0  # 0: strictly on-policy; 1: rollout may run one step ahead
     gradient_checkpointing: str = "off"  # off | on | offload
     save_steps: int = 0  # 0: only the final adapter
+    # First step: mean |learner logp - sampling logp| above this means the engine has other weights.
+    sync_check_tolerance: float = 0.1
 
 
 @dataclass
@@ -136,6 +138,9 @@ class ClusterConfig:
     rollout_gpus: float = 0.0
     learner_gpus: float = 0.0
     call_timeout_s: float = 1800.0  # deadline of every remote call
+    rollout_cpus: float = 1.0  # Ray CPUs reserved for the rollout actor
+    learner_cpus: float = 1.0  # Ray CPUs reserved for the learner actor
+    cpu_threads: int = 0  # torch threads per actor on CPU; 0: all cores of the node
 
 
 @dataclass

@@ -65,7 +65,8 @@ def selective_logprobs(
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logps, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
+    # N == 0 still runs one (empty) chunk, so the outputs stay attached to the graph.
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
         args = (hidden[start : start + chunk_size], weight, safe_targets[start : start + chunk_size], temperature)
         if needs_grad:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
@@ -73,9 +74,6 @@ def selective_logprobs(
             logp, entropy = _chunk_logprobs(*args)
         logps.append(logp)
         entropies.append(entropy)
-    if not logps:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty.clone()
     logp = torch.cat(logps) * valid
     entropy = torch.cat(entropies) * valid
     return logp, entropy

@@ -79,8 +79,8 @@ def test_removing_a_schema_key_says_what_to_do():
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="num_generations=3 must divide"):
         load_config(["rollout.num_generations=3"])
-    with pytest.raises(ConfigError, match="reward_weights has 2 values"):
-        load_config(["task.reward_weights=[1,2]"])
+    with pytest.raises(ConfigError, match="reward_weights has 3 values but task.reward_funcs has 2"):
+        load_config(["task.reward_weights=[1,2,3]"])
 
 
 def test_resolved_yaml_round_trips():

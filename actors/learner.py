@@ -1,0 +1,189 @@
+"""LearnerActor: LoRA policy, AdamW, GRPO loss; one optimizer step per pass over a rollout.
+
+A plain class; the driver makes it a Ray actor. The math lives in grpo_ray.grpo (losses),
+grpo_ray.logprobs (per-token logp through the kernels) and grpo_ray.weights (sync, versions).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo_ray import grpo
+from grpo_ray.logprobs import PackedBatch, completion_logprobs, pack, pad_ragged, select_kernel
+from grpo_ray.models import add_lora, load_model, load_tokenizer
+from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics
+from grpo_ray.weights import check_version, export_adapter
+
+
+class SyncCheckError(RuntimeError):
+    """The rollout's sampling logprobs disagree with the learner's: the engine has other weights."""
+
+
+class LearnerActor:
+    """Trains a LoRA adapter on scored rollouts; exports the adapter after each step."""
+
+    def __init__(self, cfg: Any, model_path: str, device: str = "cpu") -> None:
+        torch.manual_seed(cfg.trainer.seed)
+        if cfg.cluster.cpu_threads:
+            torch.set_num_threads(cfg.cluster.cpu_threads)
+        else:  # Ray caps OMP threads at the actor's num_cpus; the learner may use the node's cores
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.cfg, self.device = cfg, torch.device(device)
+        self.pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id
+        self.model = add_lora(load_model(cfg.model, model_path, self.device), cfg.model.lora)
+        self.model.train()
+        trainer = cfg.trainer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=trainer.lr, betas=(trainer.adam_beta1, trainer.adam_beta2), weight_decay=trainer.weight_decay
+        )
+        from transformers import get_scheduler
+
+        total = trainer.max_steps * trainer.num_iterations
+        self.scheduler = get_scheduler(
+            trainer.lr_scheduler_type, self.optimizer, int(trainer.warmup_ratio * total), total
+        )
+        self.kernel = select_kernel(cfg.loss.kernel, self.device, cfg.loss.chunk_size)
+        self.version = 0
+        self.steps_done = 0
+
+    def ready(self) -> int:
+        """Number of trainable parameters (also proves the actor started)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def export_weights(self) -> AdapterWeights:
+        """The adapter at the current version, for the rollout to load."""
+        return export_adapter(self.model, self.version)
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The adapter in PEFT format (adapter_config.json, adapter_model.safetensors) as bytes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            return {name: (Path(tmp) / name).read_bytes() for name in os.listdir(tmp)}
+
+    def train_step(self, scored: ScoredRollout) -> StepMetrics:
+        """num_iterations optimizer steps on one scored rollout; returns the step's metrics.
+
+        1. refuse a rollout from unexpected weights;
+        2. pack completions into micro-batches; old / reference logprobs without grad when needed;
+        3. per iteration: accumulate the GRPO loss over micro-batches (normalised over the whole
+           batch), clip, step; 4. bump the weight version.
+        """
+        start = time.perf_counter()
+        rollout = scored.rollout
+        check_version(rollout.version, self.version, self.cfg.trainer.async_steps)
+        batches = self._micro_batches(scored)
+        num_tokens = sum(b["batch"].completion_mask.sum().item() for b in batches)
+        self._no_grad_logprobs(batches)
+        iterations = [
+            self._optimizer_step(batches, rollout.num_completions, num_tokens)
+            for _ in range(self.cfg.trainer.num_iterations)
+        ]
+        metrics = reduce_metrics(iterations, [1.0] * len(iterations))
+        self.version += 1
+        self.steps_done += 1
+        metrics.update(scored.metrics)
+        metrics["time/train"] = time.perf_counter() - start
+        return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics)
+
+    # --- pieces of a step ----------------------------------------------------------------
+
+    def _micro_batches(self, scored: ScoredRollout) -> list[dict[str, Any]]:
+        """Completions in chunks of per_device_train_batch_size, packed with their advantages."""
+        rollout, g = scored.rollout, scored.rollout.num_generations
+        size = self.cfg.trainer.per_device_train_batch_size
+        keep = torch.tensor(
+            [not (self.cfg.loss.mask_truncated_completions and r == "length") for r in rollout.finish_reasons]
+        )
+        out = []
+        for s in range(0, rollout.num_completions, size):
+            idx = range(s, min(s + size, rollout.num_completions))
+            batch = pack([rollout.prompt_ids[i // g] for i in idx], [rollout.completion_ids[i] for i in idx], self.pad_id)
+            batch.completion_mask *= keep[s : s + size, None].float()
+            sampling = pad_ragged([rollout.sampling_logprobs[i] for i in idx], 0.0, torch.float32)
+            out.append({"batch": batch.to(self.device), "advantages": scored.advantages[s : s + size].to(self.device),
+                        "sampling_logp": sampling.to(self.device)})
+        return out
+
+    def _logprobs(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, self.kernel)
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, batches: list[dict[str, Any]]) -> None:
+        """old_logp (μ > 1 reuses the rollout), ref_logp (β > 0, adapter disabled), first-step sync check."""
+        need_old = self.cfg.trainer.num_iterations > 1 or self.steps_done == 0
+        for mb in batches:
+            if need_old:
+                mb["old_logp"] = self._logprobs(mb["batch"])[0]
+            if self.cfg.loss.beta > 0:
+                with self.model.disable_adapter():
+                    mb["ref_logp"] = self._logprobs(mb["batch"])[0]
+        if self.steps_done == 0:
+            self._check_sync(batches)
+        if self.cfg.trainer.num_iterations == 1:  # on-policy: old_logp is logp.detach() in the loss
+            for mb in batches:
+                mb.pop("old_logp", None)
+
+    def _check_sync(self, batches: list[dict[str, Any]]) -> None:
+        """Fail loudly when the engine's logprobs are far from the learner's (stale or wrong weights)."""
+        gap = sum(((mb["old_logp"] - mb["sampling_logp"]).abs() * mb["batch"].completion_mask).sum() for mb in batches)
+        tokens = sum(mb["batch"].completion_mask.sum() for mb in batches).clamp(min=1)
+        mean_gap = (gap / tokens).item()
+        if mean_gap > self.cfg.trainer.sync_check_tolerance:
+            raise SyncCheckError(
+                f"mean |learner logp - sampling logp| = {mean_gap:.4f} at learner version {self.version} exceeds "
+                f"trainer.sync_check_tolerance={self.cfg.trainer.sync_check_tolerance}: the rollout engine is not "
+                "sampling from the learner's weights (or uses another temperature)"
+            )
+
+    def _optimizer_step(self, batches: list[dict[str, Any]], num_sequences: int, num_tokens: float) -> dict[str, float]:
+        """One pass over the micro-batches with gradient accumulation, then clip and step."""
+        loss_cfg = self.cfg.loss
+        per_batch, shares = [], []
+        total_loss = 0.0
+        for mb in batches:
+            batch = mb["batch"]
+            logp, entropy = self._logprobs(batch)
+            loss, m = grpo.policy_loss(
+                logp, mb.get("old_logp"), mb["advantages"], batch.completion_mask,
+                loss_type=loss_cfg.loss_type, epsilon=loss_cfg.epsilon, epsilon_high=loss_cfg.epsilon_high,
+                delta=loss_cfg.delta, beta=loss_cfg.beta, ref_logp=mb.get("ref_logp"),
+                importance_sampling_level=loss_cfg.importance_sampling_level,
+                max_completion_length=self.cfg.rollout.max_completion_length,
+                sampling_logp=mb["sampling_logp"] if loss_cfg.importance_sampling_correction else None,
+                importance_sampling_cap=loss_cfg.importance_sampling_cap,
+                num_sequences=num_sequences, num_tokens=max(num_tokens, 1.0), entropy=entropy.detach(),
+            )  # fmt: skip
+            loss.backward()
+            total_loss += loss.item()
+            per_batch.append(m)
+            shares.append(batch.completion_mask.sum().item())
+        metrics = reduce_metrics(per_batch, shares)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(loss=total_loss, grad_norm=grad_norm.item(), learning_rate=self.scheduler.get_last_lr()[0])
+        return metrics
+
+
+def reduce_metrics(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Combine per-part metrics: `*_min` by min, `*_max` by max, the rest by weighted mean."""
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for key in parts[0] if parts else ():
+        values = [p[key] for p in parts]
+        if key.endswith("min"):
+            out[key] = min(values)
+        elif key.endswith("max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(v * w for v, w in zip(values, weights)) / total
+    return out

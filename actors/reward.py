@@ -1,0 +1,151 @@
+"""Reward scoring on CPU actors: RewardActor (one process, some groups) and RewardPool (the driver's side).
+
+One step: the driver hands `RewardPool.score` the ObjectRef of a Rollout; the pool asks each
+actor for a contiguous range of groups, passing the ref itself (Ray resolves it in the actor's
+process, so the batch never travels through the driver), and returns the ref of a task that
+combines the parts into a ScoredRollout, which the learner takes as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ray
+from ray import ObjectRef
+
+from grpo_ray import rewards
+from grpo_ray.config import RewardConfig, TaskConfig
+from grpo_ray.rewards.scoring import RewardScores, combine_scores, score_rollout, unique_reward_names
+from grpo_ray.types import Rollout, ScoredRollout
+
+__all__ = ["RewardActor", "RewardPool", "group_ranges"]
+
+
+class RewardActor:
+    """Scores ranges of a rollout's groups with reward functions loaded by import path."""
+
+    def __init__(self, reward_funcs: list[str], timeout_s: float) -> None:
+        self.funcs = [rewards.load(path) for path in reward_funcs]
+        self.names = unique_reward_names(self.funcs)
+        self.timeout_s = timeout_s
+
+    def ready(self) -> list[str]:
+        """The reward names: answers once the functions loaded, so the pool can wait for it."""
+        return self.names
+
+    def score(self, rollout: Rollout, start: int, stop: int) -> RewardScores:
+        """Scores of groups [start, stop) of `rollout` (see `score_rollout`)."""
+        return score_rollout(rollout.group_slice(start, stop), self.funcs, self.timeout_s)
+
+
+class _RemoteRewardActor(RewardActor):
+    """RewardActor as a Ray actor: a loading error is kept and raised by `ready()`.
+
+    Ray keeps only the text of an exception raised in an actor's constructor; raised from a
+    method, the exception reaches the driver whole (`RayTaskError.cause`), so the pool can
+    re-raise the registry's RewardLoadError itself.
+    """
+
+    def __init__(self, reward_funcs: list[str], timeout_s: float) -> None:
+        self._load_error: Exception | None = None
+        try:
+            super().__init__(reward_funcs, timeout_s)
+        except Exception as error:  # re-raised by ready()
+            self._load_error = error
+
+    def ready(self) -> list[str]:
+        if self._load_error is not None:
+            raise self._load_error
+        return super().ready()
+
+    def __repr__(self) -> str:
+        return "RewardActor"  # Ray's prefix of the actor's log lines
+
+
+def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering num_groups, sizes within one of each other, none empty."""
+    base, extra = divmod(num_groups, num_parts)
+    ranges, start = [], 0
+    for part in range(min(num_parts, num_groups)):
+        stop = start + base + (part < extra)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def _combine(
+    rollout: Rollout,
+    reward_names: list[str],
+    reward_weights: list[float] | None,
+    scale_rewards: str,
+    *parts: RewardScores,
+) -> ScoredRollout:
+    """combine_scores with the parts as top-level arguments, which Ray resolves from their refs."""
+    return combine_scores(rollout, parts, reward_names, reward_weights, scale_rewards)
+
+
+# No CPU reserved: it is a few tensor operations, and must not queue behind busy reward actors.
+_combine_task = ray.remote(num_cpus=0)(_combine)
+
+
+class RewardPool:
+    """`reward_cfg.num_workers` RewardActors (one CPU each, spread over the cluster's nodes)."""
+
+    def __init__(
+        self,
+        reward_cfg: RewardConfig,
+        task_cfg: TaskConfig,
+        scale_rewards: str,
+        *,
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        """Starts the actors and waits until each has loaded `task_cfg.reward_funcs`.
+
+        Raises the registry's RewardLoadError (or RewardImportError) when a path does not load,
+        and TimeoutError when the actors cannot start within ready_timeout_s (not enough CPUs).
+        """
+        if reward_cfg.num_workers < 1:
+            raise ValueError(f"reward.num_workers={reward_cfg.num_workers}: need at least one reward actor")
+        self.reward_weights = None if task_cfg.reward_weights is None else list(task_cfg.reward_weights)
+        self.scale_rewards = scale_rewards
+        actor_cls = ray.remote(num_cpus=1)(_RemoteRewardActor)
+        self.actors: list[Any] = [
+            actor_cls.options(scheduling_strategy="SPREAD").remote(list(task_cfg.reward_funcs), reward_cfg.timeout_s)
+            for _ in range(reward_cfg.num_workers)
+        ]
+        try:
+            self.reward_names: list[str] = self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def score(self, rollout_ref: ObjectRef, num_groups: int) -> ObjectRef:
+        """The ref of the ScoredRollout of the Rollout at `rollout_ref`, which has num_groups groups.
+
+        Groups are split in contiguous ranges, one per actor; each actor resolves the ref itself.
+        """
+        parts = [
+            actor.score.remote(rollout_ref, start, stop)
+            for actor, (start, stop) in zip(self.actors, group_ranges(num_groups, len(self.actors)))
+        ]
+        return _combine_task.remote(rollout_ref, self.reward_names, self.reward_weights, self.scale_rewards, *parts)
+
+    def shutdown(self) -> None:
+        """Kills the actors (an abandoned timed-out reward call dies with its process)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def _wait_ready(self, timeout_s: float) -> list[str]:
+        """The actors' reward names once all are up; their loading error, unwrapped, if any."""
+        try:
+            names: Sequence[list[str]] = ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"{len(self.actors)} reward actors (reward.num_workers, one CPU each) did not start within "
+                f"{timeout_s:g} s: they need {len(self.actors)} CPUs besides the other actors' and the cluster "
+                f"has {ray.cluster_resources().get('CPU', 0):g} in all; lower reward.num_workers or add CPUs"
+            ) from None
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause from None
+        return list(names[0])

@@ -1,0 +1,142 @@
+"""RolloutActor: turns prompts into groups of sampled completions with their logprobs.
+
+A plain class; the driver makes it a Ray actor. Backends implement `generate` on token ids:
+`hf` (transformers.generate; CPU or GPU) here, `vllm` on GPU. The actor owns what is common:
+chat templates, prompt truncation, the weight version stamped on each Rollout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from grpo_ray.data import render_prompt
+from grpo_ray.models import add_lora, load_model, load_tokenizer
+from grpo_ray.types import AdapterWeights, Rollout
+from grpo_ray.weights import load_adapter
+
+
+@dataclass
+class Generation:
+    """One sampled completion as a backend returns it."""
+
+    token_ids: list[int]  # up to and including EOS / the stop string
+    logprobs: list[float]  # sampling logp of each token at the sampling temperature
+    finish_reason: str  # "stop" | "length"
+
+
+class Backend(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Generation]]: ...
+    def load_adapter(self, weights: AdapterWeights) -> None: ...
+
+
+class HFBackend:
+    """transformers.generate with a peft LoRA adapter that is updated in memory each step."""
+
+    def __init__(self, cfg: Any, model_path: str, tokenizer: Any, device: str) -> None:
+        self.cfg, self.tokenizer, self.device = cfg.rollout, tokenizer, torch.device(device)
+        self.model = add_lora(load_model(cfg.model, model_path, self.device), cfg.model.lora).eval()
+
+    def load_adapter(self, weights: AdapterWeights) -> None:
+        load_adapter(self.model, weights)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Generation]]:
+        """n samples per prompt; logprobs from the raw logits at the sampling temperature."""
+        cfg, tok = self.cfg, self.tokenizer
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p or None,
+            repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
+            num_return_sequences=n, stop_strings=list(cfg.stop) or None, tokenizer=tok,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            output_logits=True, return_dict_in_generate=True, **dict(cfg.generation_kwargs or {}),
+        )  # fmt: skip
+        tokens = out.sequences[:, width:]  # [n·B, T]
+        logp = torch.stack(  # one [n·B, V] step at a time: never [n·B, T, V]
+            [
+                torch.log_softmax(step.float() / cfg.temperature, dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1)
+                for t, step in enumerate(out.logits)
+            ],
+            dim=1,
+        )
+        flat = [self._trim(tokens[i].tolist(), logp[i].tolist()) for i in range(tokens.shape[0])]
+        return [flat[b * n : (b + 1) * n] for b in range(len(prompt_ids))]
+
+    def _trim(self, tokens: list[int], logps: list[float]) -> Generation:
+        """Cut at the first EOS (kept) or the end of the first stop string; else it ran out of length."""
+        eos = self.tokenizer.eos_token_id
+        if eos in tokens:
+            end = tokens.index(eos) + 1
+            return Generation(tokens[:end], logps[:end], "stop")
+        for end in range(1, len(tokens) + 1) if self.cfg.stop else ():
+            text = self.tokenizer.decode(tokens[:end])
+            if any(s in text for s in self.cfg.stop):
+                return Generation(tokens[:end], logps[:end], "stop")
+        return Generation(tokens, logps, "length")
+
+
+class RolloutActor:
+    """Generates `num_generations` completions per prompt with the current adapter version."""
+
+    def __init__(self, cfg: Any, model_path: str, device: str = "cpu") -> None:
+        torch.set_num_threads(cfg.cluster.cpu_threads or os.cpu_count() or 1)
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        if cfg.rollout.backend != "hf":
+            raise NotImplementedError(f"rollout.backend={cfg.rollout.backend!r} is not available yet; use rollout.backend=hf")
+        self.backend: Backend = HFBackend(cfg, model_path, self.tokenizer, device)
+        self.version = 0
+        self.calls = 0
+
+    def ready(self) -> int:
+        return self.version
+
+    def update_weights(self, weights: AdapterWeights) -> int:
+        """Load the learner's adapter in memory; returns the new version."""
+        self.backend.load_adapter(weights)
+        self.version = weights.version
+        return self.version
+
+    def sleep(self) -> None:
+        """Release generation memory while the learner trains (no-op on CPU)."""
+
+    def wake(self) -> None:
+        """Take generation memory back before generating (no-op on CPU)."""
+
+    def generate(self, rows: list[dict[str, Any]], version: int) -> Rollout:
+        """Sample a group per dataset row; refuses to run on weights other than `version`."""
+        if version != self.version:
+            raise RuntimeError(f"asked to generate with weight version {version}, but the rollout holds {self.version}")
+        start = time.perf_counter()
+        cfg = self.cfg.rollout
+        prompt_ids, truncated = [], 0
+        for row in rows:
+            text = render_prompt(row["prompt"], self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=not getattr(self.tokenizer, "chat_template", None))["input_ids"]
+            if cfg.max_prompt_length and len(ids) > cfg.max_prompt_length:
+                ids, truncated = ids[-cfg.max_prompt_length :], truncated + 1  # keep the end: the question
+            prompt_ids.append(ids)
+        self.calls += 1
+        groups = self.backend.generate(prompt_ids, cfg.num_generations, seed=self.cfg.trainer.seed * 100_003 + self.calls)
+        gens = [g for group in groups for g in group]
+        return Rollout(
+            prompts=[row["prompt"] for row in rows],
+            prompt_ids=prompt_ids,
+            completion_ids=[g.token_ids for g in gens],
+            completions=self.tokenizer.batch_decode([g.token_ids for g in gens], skip_special_tokens=True),
+            sampling_logprobs=[g.logprobs for g in gens],
+            finish_reasons=[g.finish_reason for g in gens],
+            columns={k: [row[k] for row in rows] for k in rows[0] if k != "prompt"},
+            num_generations=cfg.num_generations,
+            version=self.version,
+            metrics={"time/rollout": time.perf_counter() - start, "rollout/prompts_truncated": float(truncated)},
+        )

