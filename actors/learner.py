@@ -90,6 +90,8 @@ class LearnerActor:
         self.steps_done += 1
         metrics.update(scored.metrics)
         metrics["time/train"] = time.perf_counter() - start
+        metrics["tokens/total"] = float(sum(b["batch"].attention_mask.sum().item() for b in batches))
+        metrics["perf/train_tokens_per_s"] = metrics["tokens/total"] * self.cfg.trainer.num_iterations / metrics["time/train"]
         return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics)
 
     # --- pieces of a step ----------------------------------------------------------------

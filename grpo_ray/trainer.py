@@ -108,16 +108,21 @@ class Actors:
 
         device = "cuda" if cfg.cluster.placement != "cpu" else "cpu"
         cluster = cfg.cluster
+        rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards)  # first: bad reward paths fail fast
         rollout = ray.remote(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus)(RolloutActor)
         learner = ray.remote(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus)(LearnerActor)
         actors = cls(
             rollout=rollout.remote(cfg, model_path, device),
-            rewards=RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards),
+            rewards=rewards,
             learner=learner.remote(cfg, model_path, device),
             timeout_s=cluster.call_timeout_s,
         )
-        get(actors.rollout.ready.remote(), "RolloutActor.__init__ (loading the model)", actors.timeout_s)
-        get(actors.learner.ready.remote(), "LearnerActor.__init__ (loading the model)", actors.timeout_s)
+        try:
+            get(actors.rollout.ready.remote(), "RolloutActor.__init__ (loading the model)", actors.timeout_s)
+            get(actors.learner.ready.remote(), "LearnerActor.__init__ (loading the model)", actors.timeout_s)
+        except BaseException:
+            actors.shutdown()
+            raise
         return actors
 
     def sync_weights(self) -> int:
@@ -205,6 +210,8 @@ def train(cfg: DictConfig) -> Path:
                     result = get(actors.learner.train_step.remote(scored), "LearnerActor.train_step", timeout)
                 with phase("sync", timings):
                     version = actors.sync_weights()
+            # tokens/s: prompt + completion tokens of the step over its wall time, end to end
+            timings["perf/tokens_per_s"] = result.metrics["tokens/total"] / timings["time/step"]
             logger.log(step, {**result.metrics, **timings})
         save_adapter(actors, run_dir / "final")
     finally:

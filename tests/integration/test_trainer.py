@@ -122,3 +122,20 @@ def test_first_step_sync_check_catches_engine_on_other_weights(tiny_model_dir, t
 
     with pytest.raises(SyncCheckError, match=r"mean \|learner logp - sampling logp\| = .* at learner version 0"):
         learner.train_step(scored)
+
+
+def test_kl_penalty_and_several_iterations_per_rollout(ray_local, tiny_model_dir, tmp_path):
+    cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "loss.beta=0.1", "trainer.num_iterations=2",
+                                     "trainer.max_steps=2", "loss=grpo"))  # fmt: skip
+    records = [json.loads(line) for line in (train(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    # k3 KL against the adapter-disabled model: 0 before any update, positive once the adapter moved
+    assert all(r["kl"] >= 0 for r in records) and records[-1]["kl"] > 0
+
+
+def test_call_deadline_names_the_actor_and_call(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.trainer import CallTimeout
+
+    cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "cluster.call_timeout_s=0.001"))
+    with pytest.raises(CallTimeout, match=r"RolloutActor.__init__ \(loading the model\) did not finish within"):
+        train(cfg)
