@@ -6,6 +6,9 @@ grpo_ray.logprobs (per-token logp through the kernels) and grpo_ray.weights (syn
 
 from __future__ import annotations
 
+import io
+import logging
+import math
 import os
 import tempfile
 import time
@@ -15,14 +18,25 @@ from typing import Any
 import torch
 
 from grpo_ray import grpo
+from grpo_ray.errors import oom_advice
+from grpo_ray.metrics import sample_completions
 from grpo_ray.logprobs import PackedBatch, completion_logprobs, pack, pad_ragged, select_kernel
 from grpo_ray.models import add_lora, load_model, load_tokenizer
-from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics
-from grpo_ray.weights import check_version, export_adapter
+from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
+from grpo_ray.weights import check_version, export_adapter, load_adapter
+
+log = logging.getLogger("grpo_ray.learner")
+
+
+LEARNER_STATE = "learner_state.pt"
 
 
 class SyncCheckError(RuntimeError):
     """The rollout's sampling logprobs disagree with the learner's: the engine has other weights."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class LearnerActor:
@@ -52,10 +66,11 @@ class LearnerActor:
         self.kernel = select_kernel(cfg.loss.kernel, self.device, cfg.loss.chunk_size)
         self.version = 0
         self.steps_done = 0
+        self.nonfinite_streak = 0
 
-    def ready(self) -> int:
-        """Number of trainable parameters (also proves the actor started)."""
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+    def ready(self) -> dict[str, Any]:
+        """Where the actor runs and which weights it holds (the driver's watchdog and recovery use it)."""
+        return process_info(self.version)
 
     def export_weights(self) -> AdapterWeights:
         """The adapter at the current version, for the rollout to load."""
@@ -66,6 +81,30 @@ class LearnerActor:
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp)
             return {name: (Path(tmp) / name).read_bytes() for name in os.listdir(tmp)}
+
+    def state_files(self) -> dict[str, bytes]:
+        """Adapter files plus optimizer, scheduler, RNG and version: enough to continue exactly."""
+        buffer = io.BytesIO()
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "version": self.version, "steps_done": self.steps_done,
+             "nonfinite_streak": self.nonfinite_streak},
+            buffer,
+        )  # fmt: skip
+        return {**self.adapter_files(), LEARNER_STATE: buffer.getvalue()}
+
+    def load_state_files(self, files: dict[str, bytes]) -> int:
+        """Restore what `state_files` wrote; returns the restored weight version."""
+        from safetensors.torch import load
+
+        state = torch.load(io.BytesIO(files[LEARNER_STATE]), weights_only=False)
+        load_adapter(self.model, AdapterWeights(state["version"], load(files["adapter_model.safetensors"])))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.version, self.steps_done = state["version"], state["steps_done"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        return self.version
 
     def train_step(self, scored: ScoredRollout) -> StepMetrics:
         """num_iterations optimizer steps on one scored rollout; returns the step's metrics.
@@ -78,13 +117,14 @@ class LearnerActor:
         start = time.perf_counter()
         rollout = scored.rollout
         check_version(rollout.version, self.version, self.cfg.trainer.async_steps)
-        batches = self._micro_batches(scored)
-        num_tokens = sum(b["batch"].completion_mask.sum().item() for b in batches)
-        self._no_grad_logprobs(batches)
-        iterations = [
-            self._optimizer_step(batches, rollout.num_completions, num_tokens)
-            for _ in range(self.cfg.trainer.num_iterations)
-        ]
+        with oom_advice("learner"):
+            batches = self._micro_batches(scored)
+            num_tokens = sum(b["batch"].completion_mask.sum().item() for b in batches)
+            self._no_grad_logprobs(batches)
+            iterations = [
+                self._optimizer_step(batches, rollout.num_completions, num_tokens)
+                for _ in range(self.cfg.trainer.num_iterations)
+            ]
         metrics = reduce_metrics(iterations, [1.0] * len(iterations))
         self.version += 1
         self.steps_done += 1
@@ -92,7 +132,8 @@ class LearnerActor:
         metrics["time/train"] = time.perf_counter() - start
         metrics["tokens/total"] = float(sum(b["batch"].attention_mask.sum().item() for b in batches))
         metrics["perf/train_tokens_per_s"] = metrics["tokens/total"] * self.cfg.trainer.num_iterations / metrics["time/train"]
-        return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics)
+        samples = sample_completions(scored, self.cfg.logging.num_samples)  # picked here: no batch travels to log
+        return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics, samples=samples)
 
     # --- pieces of a step ----------------------------------------------------------------
 
@@ -144,6 +185,21 @@ class LearnerActor:
                 "sampling from the learner's weights (or uses another temperature)"
             )
 
+    def _skip_nonfinite(self, loss: float, grad_norm: float, batches: list[dict[str, Any]]) -> None:
+        """Leave the weights as they are; stop the run after trainer.max_nonfinite_steps in a row."""
+        streak = self.nonfinite_streak + 1
+        log.warning(
+            "step %d: non-finite loss %s or grad norm %s, update skipped (%d in a row); batch: %s",
+            self.steps_done + 1, loss, grad_norm, streak, _batch_stats(batches),
+        )  # fmt: skip
+        if streak >= self.cfg.trainer.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{streak} optimizer steps in a row had a non-finite loss ({loss}) or gradient norm ({grad_norm}) "
+                f"(trainer.max_nonfinite_steps={self.cfg.trainer.max_nonfinite_steps}); last batch: "
+                f"{_batch_stats(batches)}. Lower trainer.lr, check the reward functions' values, or resume from "
+                "the last checkpoint with resume=auto"
+            )
+
     def _optimizer_step(self, batches: list[dict[str, Any]], num_sequences: int, num_tokens: float) -> dict[str, float]:
         """One pass over the micro-batches with gradient accumulation, then clip and step."""
         loss_cfg = self.cfg.loss
@@ -169,11 +225,27 @@ class LearnerActor:
         metrics = reduce_metrics(per_batch, shares)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        finite = math.isfinite(total_loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self._skip_nonfinite(total_loss, grad_norm.item(), batches)
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.optimizer.zero_grad(set_to_none=True)
+        metrics["numerics/skipped_update"] = float(not finite)
         metrics.update(loss=total_loss, grad_norm=grad_norm.item(), learning_rate=self.scheduler.get_last_lr()[0])
         return metrics
+
+
+def _batch_stats(batches: list[dict[str, Any]]) -> str:
+    adv = torch.cat([mb["advantages"] for mb in batches])
+    sampling = torch.cat([mb["sampling_logp"].flatten() for mb in batches])
+    return (
+        f"advantages mean {adv.mean().item():.3g} std {adv.std().item():.3g} max|.| {adv.abs().max().item():.3g}; "
+        f"sampling logp min {sampling.min().item():.3g}; completion tokens "
+        f"{sum(mb['batch'].completion_mask.sum().item() for mb in batches):.0f}"
+    )
 
 
 def reduce_metrics(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:

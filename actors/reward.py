@@ -48,6 +48,8 @@ class _RemoteRewardActor(RewardActor):
 
     def __init__(self, reward_funcs: list[str], timeout_s: float) -> None:
         self._load_error: Exception | None = None
+        # Ray restarted this actor after a crash: say so once, with the next scores.
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         try:
             super().__init__(reward_funcs, timeout_s)
         except Exception as error:  # re-raised by ready()
@@ -57,6 +59,11 @@ class _RemoteRewardActor(RewardActor):
         if self._load_error is not None:
             raise self._load_error
         return super().ready()
+
+    def score(self, rollout: Rollout, start: int, stop: int) -> RewardScores:
+        scores = super().score(rollout, start, stop)
+        scores.restarts, self._restarted = int(self._restarted), False
+        return scores
 
     def __repr__(self) -> str:
         return "RewardActor"  # Ray's prefix of the actor's log lines
@@ -98,9 +105,12 @@ class RewardPool:
         scale_rewards: str,
         *,
         ready_timeout_s: float = 600.0,
+        max_restarts: int = 0,
     ) -> None:
         """Starts the actors and waits until each has loaded `task_cfg.reward_funcs`.
 
+        An actor that dies is restarted up to `max_restarts` times and its calls retried (its
+        groups are re-scored); restarts are counted in `recovery/reward_restarts`.
         Raises the registry's RewardLoadError (or RewardImportError) when a path does not load,
         and TimeoutError when the actors cannot start within ready_timeout_s (not enough CPUs).
         """
@@ -108,7 +118,7 @@ class RewardPool:
             raise ValueError(f"reward.num_workers={reward_cfg.num_workers}: need at least one reward actor")
         self.reward_weights = None if task_cfg.reward_weights is None else list(task_cfg.reward_weights)
         self.scale_rewards = scale_rewards
-        actor_cls = ray.remote(num_cpus=1)(_RemoteRewardActor)
+        actor_cls = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=max_restarts)(_RemoteRewardActor)
         self.actors: list[Any] = [
             actor_cls.options(scheduling_strategy="SPREAD").remote(list(task_cfg.reward_funcs), reward_cfg.timeout_s)
             for _ in range(reward_cfg.num_workers)

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
-from grpo_ray.data import render_prompt
+from grpo_ray.data import prompt_token_ids
+from grpo_ray.errors import oom_advice
 from grpo_ray.models import add_lora, load_model, load_tokenizer
-from grpo_ray.types import AdapterWeights, Rollout
+from grpo_ray.types import AdapterWeights, Rollout, process_info
 from grpo_ray.weights import load_adapter
 
 
@@ -91,14 +92,19 @@ class RolloutActor:
         torch.set_num_threads(cfg.cluster.cpu_threads or os.cpu_count() or 1)
         self.cfg = cfg
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-        if cfg.rollout.backend != "hf":
-            raise NotImplementedError(f"rollout.backend={cfg.rollout.backend!r} is not available yet; use rollout.backend=hf")
-        self.backend: Backend = HFBackend(cfg, model_path, self.tokenizer, device)
+        self.backend: Backend
+        if cfg.rollout.backend == "vllm":  # GPU only; the engine takes the visible CUDA device
+            from grpo_ray.actors.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(cfg, model_path, self.tokenizer)
+        else:
+            self.backend = HFBackend(cfg, model_path, self.tokenizer, device)
         self.version = 0
         self.calls = 0
 
-    def ready(self) -> int:
-        return self.version
+    def ready(self) -> dict[str, Any]:
+        """Where the actor runs and which weights it holds (the driver's watchdog and recovery use it)."""
+        return process_info(self.version)
 
     def update_weights(self, weights: AdapterWeights) -> int:
         """Load the learner's adapter in memory; returns the new version."""
@@ -112,21 +118,26 @@ class RolloutActor:
     def wake(self) -> None:
         """Take generation memory back before generating (no-op on CPU)."""
 
-    def generate(self, rows: list[dict[str, Any]], version: int) -> Rollout:
-        """Sample a group per dataset row; refuses to run on weights other than `version`."""
+    def generate(self, rows: list[dict[str, Any]], version: int, seed: int | None = None) -> Rollout:
+        """Sample a group per dataset row; refuses to run on weights other than `version`.
+
+        `seed` fixes the sampling (the driver derives it from the step, so a retried or resumed
+        step samples the same completions); None draws from the actor's own call counter.
+        """
         if version != self.version:
             raise RuntimeError(f"asked to generate with weight version {version}, but the rollout holds {self.version}")
         start = time.perf_counter()
         cfg = self.cfg.rollout
         prompt_ids, truncated = [], 0
         for row in rows:
-            text = render_prompt(row["prompt"], self.tokenizer)
-            ids = self.tokenizer(text, add_special_tokens=not getattr(self.tokenizer, "chat_template", None))["input_ids"]
+            ids = prompt_token_ids(row["prompt"], self.tokenizer)
             if cfg.max_prompt_length and len(ids) > cfg.max_prompt_length:
                 ids, truncated = ids[-cfg.max_prompt_length :], truncated + 1  # keep the end: the question
             prompt_ids.append(ids)
         self.calls += 1
-        groups = self.backend.generate(prompt_ids, cfg.num_generations, seed=self.cfg.trainer.seed * 100_003 + self.calls)
+        seed = self.cfg.trainer.seed * 100_003 + self.calls if seed is None else seed
+        with oom_advice("rollout"):
+            groups = self.backend.generate(prompt_ids, cfg.num_generations, seed=seed)
         gens = [g for group in groups for g in group]
         return Rollout(
             prompts=[row["prompt"] for row in rows],

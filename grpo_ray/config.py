@@ -75,7 +75,8 @@ class RolloutConfig:
     top_k: int = 0  # 0 disables
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    max_prompt_length: Optional[int] = 512  # longer prompts are truncated from the left
+    max_prompt_length: Optional[int] = 512
+    long_prompts: str = "truncate"  # longer prompts: truncate (from the left, counted) | drop (at load, counted)
     max_completion_length: int = 256
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.3  # vllm only
@@ -119,7 +120,10 @@ class TrainerConfig:
     seed: int = 0
     async_steps: int = 0  # 0: strictly on-policy; 1: rollout may run one step ahead
     gradient_checkpointing: str = "off"  # off | on | offload
-    save_steps: int = 0  # 0: only the final adapter
+    save_steps: int = 0  # checkpoint every N steps (and on SIGTERM/SIGINT); 0: only then
+    save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
+    max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
+    max_recoveries: int = 3  # actor faults tolerated in a row before the run stops with the cause
     # First step: mean |learner logp - sampling logp| above this means the engine has other weights.
     sync_check_tolerance: float = 0.1
 
@@ -147,8 +151,27 @@ class ClusterConfig:
 class LoggingConfig:
     output_dir: str = "outputs"
     run_name: Optional[str] = None  # None: a timestamp
-    logging_steps: int = 1
-    tensorboard: bool = False
+    logging_steps: int = 1  # console row every N steps (metrics.jsonl and TensorBoard get every step)
+    tensorboard: bool = True  # event files in the run directory: tensorboard --logdir outputs
+    wandb: bool = False  # Weights & Biases, when the wandb package is installed
+    wandb_project: str = "grpo-ray"
+    sample_steps: int = 10  # log sample completions with their rewards every N steps; 0: never
+    num_samples: int = 4  # completions per sample table
+    plot: bool = True  # reward_curves.png in the run directory at the end of a run
+
+
+@dataclass
+class EvalConfig:
+    """`grpo-ray eval`: score a task's split with the trained adapter (see grpo_ray.evaluate)."""
+
+    greedy: bool = True  # one greedy completion per prompt; false: k sampled at rollout.temperature
+    k: int = 1  # completions per prompt when greedy=false; pass@1 is their mean, pass@k is reported too
+    batch_size: int = 16  # prompts per generate call
+    pass_threshold: float = 0.0  # a completion passes a reward function when its score is above this
+    # Seed of generated tasks' problems (task.source synthetic / reasoning_gym); training draws with
+    # trainer.seed, so evaluation problems differ (beyond what a small problem space repeats).
+    seed: int = 12345
+    num_logged_samples: int = 8  # completions copied into the report
 
 
 @dataclass
@@ -161,6 +184,10 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # null: a new run | auto: continue the newest checkpoint (of logging.run_name, else of the
+    # newest run under logging.output_dir) | a checkpoint folder
+    resume: Optional[str] = None
 
 
 # Keys whose value must be one of a fixed set.
@@ -170,6 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.source": ("synthetic", "hf", "file", "reasoning_gym"),
     "task.answer_format": ("plain", "gsm8k"),
     "rollout.backend": ("hf", "vllm"),
+    "rollout.long_prompts": ("truncate", "drop"),
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"),
     "loss.importance_sampling_level": ("token", "sequence"),
     "loss.scale_rewards": ("group", "batch", "none"),

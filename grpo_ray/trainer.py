@@ -1,6 +1,6 @@
-"""The driver: build the actors, run the GRPO step loop, save the run.
+"""The driver: build the actors, run the GRPO step loop, checkpoint, recover, save the run.
 
-One step, top to bottom:
+One step, top to bottom (`Run.step`):
     prompts ─► RolloutActor.generate ─► ref(Rollout)
     ref(Rollout) ─► RewardPool.score ─► ref(ScoredRollout)        (CPU actors, in parallel)
     ref(ScoredRollout) ─► LearnerActor.train_step ─► StepMetrics
@@ -11,80 +11,32 @@ batch) and fetches the small StepMetrics. Every wait has a deadline that names t
 
 from __future__ import annotations
 
-import logging
-import os
+import json
+import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from grpo_ray.config import ConfigError, to_yaml
-from grpo_ray.data import PromptSampler, load_prompts
+from grpo_ray.checkpoint import find_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
+from grpo_ray.config import to_yaml
+from grpo_ray.data import PromptSampler, drop_long_prompts, load_prompts
 from grpo_ray.metrics import MetricsLogger
-from grpo_ray.models import resolve_model_path
-
-log = logging.getLogger("grpo_ray")
-
-
-class CallTimeout(TimeoutError):
-    """A remote call that missed its deadline; the message names the actor and the call."""
+from grpo_ray.models import check_model, load_tokenizer, resolve_model_path
+from grpo_ray.plots import plot_run
+from grpo_ray.remote import connect, get, wait
 
 
-# --- Ray plumbing ------------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; `resume=auto` continues it."""
 
-
-def required_cpus(cfg: DictConfig) -> float:
-    return cfg.cluster.rollout_cpus + cfg.cluster.learner_cpus + cfg.reward.num_workers
-
-
-def connect(cfg: DictConfig) -> None:
-    """Join the cluster of `ray job submit` / cluster.address, else start a local one that fits the job."""
-    import ray
-
-    need = required_cpus(cfg)
-    if not ray.is_initialized():
-        if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                     include_dashboard=False, logging_level=logging.WARNING)  # fmt: skip
-    have = ray.cluster_resources().get("CPU", 0)
-    if have < need:
-        raise ConfigError(
-            f"the job needs {need:g} CPUs (cluster.rollout_cpus + cluster.learner_cpus + reward.num_workers) "
-            f"but the Ray cluster has {have:g}; lower reward.num_workers or add CPUs"
-        )
-
-
-def wait(ref: Any, what: str, timeout_s: float) -> Any:
-    """Wait until `ref` is ready without fetching it; raise CallTimeout naming `what` at the deadline."""
-    import ray
-
-    ready, _ = ray.wait([ref], timeout=timeout_s, fetch_local=False)
-    if not ready:
-        raise CallTimeout(f"{what} did not finish within cluster.call_timeout_s={timeout_s:g}s")
-    return ref
-
-
-def get(ref: Any, what: str, timeout_s: float) -> Any:
-    """Fetch a small result (metrics, versions) with a deadline that names the call."""
-    import ray
-
-    try:
-        return ray.get(ref, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as e:
-        raise CallTimeout(f"{what} did not finish within cluster.call_timeout_s={timeout_s:g}s") from e
-
-
-@contextmanager
-def phase(name: str, timings: dict[str, float]) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[f"time/{name}"] = time.perf_counter() - start
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 # --- actors ------------------------------------------------------------------------------
@@ -96,10 +48,11 @@ class Actors:
     rewards: Any  # RewardPool
     learner: Any
     timeout_s: float
+    info: dict[str, dict] = field(default_factory=dict)  # name -> ready(): pid, node, version
 
     @classmethod
     def create(cls, cfg: DictConfig, model_path: str) -> "Actors":
-        """Start rollout, reward pool and learner; wait until each has loaded (errors surface here)."""
+        """Start reward pool, rollout and learner; wait until each has loaded (errors surface here)."""
         import ray
 
         from grpo_ray.actors.learner import LearnerActor
@@ -107,28 +60,44 @@ class Actors:
         from grpo_ray.actors.rollout import RolloutActor
 
         device = "cuda" if cfg.cluster.placement != "cpu" else "cpu"
-        cluster = cfg.cluster
-        rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards)  # first: bad reward paths fail fast
-        rollout = ray.remote(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus)(RolloutActor)
-        learner = ray.remote(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus)(LearnerActor)
+        cluster, restarts = cfg.cluster, cfg.trainer.max_recoveries
+        # first: a bad reward-function path fails before any model loads
+        rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=restarts)
+        rollout = ray.remote(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus, max_restarts=restarts)
+        learner = ray.remote(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus, max_restarts=restarts)
         actors = cls(
-            rollout=rollout.remote(cfg, model_path, device),
+            rollout=rollout(RolloutActor).remote(cfg, model_path, device),
             rewards=rewards,
-            learner=learner.remote(cfg, model_path, device),
+            learner=learner(LearnerActor).remote(cfg, model_path, device),
             timeout_s=cluster.call_timeout_s,
         )
         try:
-            get(actors.rollout.ready.remote(), "RolloutActor.__init__ (loading the model)", actors.timeout_s)
-            get(actors.learner.ready.remote(), "LearnerActor.__init__ (loading the model)", actors.timeout_s)
+            actors.refresh_info()
         except BaseException:
             actors.shutdown()
             raise
         return actors
 
+    def refresh_info(self) -> dict[str, dict]:
+        """Ask rollout and learner where they run and which version they hold (waits out restarts)."""
+        import ray
+
+        deadline = time.monotonic() + self.timeout_s
+        for name, handle in (("rollout", self.rollout), ("learner", self.learner)):
+            what = f"{name.capitalize()}Actor.__init__ (loading the model)"
+            while True:
+                try:
+                    self.info[name] = get(handle.ready.remote(), what, max(deadline - time.monotonic(), 0.001))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
+                    time.sleep(0.5)
+        return self.info
+
     def sync_weights(self) -> int:
         """Learner's adapter -> rollout, through the object store; returns the rollout's new version."""
         weights = self.learner.export_weights.remote()
-        return get(self.rollout.update_weights.remote(weights), "RolloutActor.update_weights", self.timeout_s)
+        return get(self.rollout.update_weights.remote(weights), "RolloutActor.update_weights", self.timeout_s,
+                   self.info.get("rollout"))  # fmt: skip
 
     def shutdown(self) -> None:
         import ray
@@ -142,38 +111,101 @@ class Actors:
 
 
 class OnPolicy:
-    """async_steps=0: each step's rollout is generated by the weights the learner holds."""
+    """async_steps=0: each step's rollout is generated by the weights the learner holds.
 
-    def __init__(self, actors: Actors, sampler: PromptSampler, prompts_per_step: int) -> None:
-        self.actors, self.sampler, self.prompts_per_step = actors, sampler, prompts_per_step
+    A step's prompts and sampling seed are drawn once and kept until the step is done, so a
+    step retried after an actor fault samples exactly what it would have.
+    """
 
-    def launch(self, version: int) -> Any:
-        return self.actors.rollout.generate.remote(self.sampler.next_batch(self.prompts_per_step), version)
+    def __init__(self, actors: Actors, sampler: PromptSampler, prompts_per_step: int, seed: int) -> None:
+        self.actors, self.sampler, self.prompts_per_step, self.seed = actors, sampler, prompts_per_step, seed
+        self.calls = 0
+        self.current: tuple[list[dict], int] | None = None
+
+    def _draw(self) -> tuple[list[dict], int]:
+        self.calls += 1
+        return self.sampler.next_batch(self.prompts_per_step), self.seed * 100_003 + self.calls
+
+    def _launch(self, batch: tuple[list[dict], int], version: int) -> Any:
+        rows, seed = batch
+        return self.actors.rollout.generate.remote(rows, version, seed)
 
     def next_rollout(self, version: int) -> Any:
-        return self.launch(version)
+        self.current = self.current or self._draw()
+        return self._launch(self.current, version)
+
+    def step_done(self) -> None:
+        self.current = None
+
+    def after_fault(self) -> None:
+        """Drop in-flight generations; the current step is generated again from its kept prompts."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.calls, self.current = state["calls"], None
 
 
 class OneStepAhead(OnPolicy):
     """async_steps=1: the rollout of step k+1 is generated while the learner trains step k."""
 
-    pending: Any = None
+    pending: tuple[tuple[list[dict], int], Any] | None = None  # (prompts and seed, ref)
 
     def next_rollout(self, version: int) -> Any:
-        current = self.pending if self.pending is not None else self.launch(version)
-        self.pending = self.launch(version)  # queued on the rollout actor before the next weight update
-        return current
+        if self.pending is not None:
+            self.current, ref = self.pending
+        else:
+            self.current = self.current or self._draw()
+            ref = self._launch(self.current, version)
+        upcoming = self._draw()  # queued on the rollout actor before the next weight update
+        self.pending = (upcoming, self._launch(upcoming, version))
+        return ref
+
+    def after_fault(self) -> None:
+        self.pending = None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pending = None
 
 
 # --- the run -----------------------------------------------------------------------------
 
 
-def make_run_dir(cfg: DictConfig) -> Path:
-    name = cfg.logging.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.logging.output_dir).absolute() / name
+def make_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None); writes the resolved config."""
+    run_dir, checkpoint = None, None
+    if cfg.resume:
+        run_dir, checkpoint = find_resume_point(Path(cfg.logging.output_dir), cfg.logging.run_name, cfg.resume)
+    if run_dir is None:
+        name = cfg.logging.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.logging.output_dir).absolute() / name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return run_dir
+    return run_dir, checkpoint
+
+
+def load_task_prompts(cfg: DictConfig, model_path: str) -> Any:
+    """The task's prompts; with rollout.long_prompts=drop, without those over max_prompt_length."""
+    dataset = load_prompts(cfg.task, cfg.trainer.seed)
+    if cfg.rollout.long_prompts == "drop" and cfg.rollout.max_prompt_length:
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        dataset, dropped = drop_long_prompts(dataset, tokenizer, cfg.rollout.max_prompt_length)
+        print(f"grpo-ray: dropped {dropped} prompts longer than rollout.max_prompt_length="
+              f"{cfg.rollout.max_prompt_length} tokens; {len(dataset)} left", flush=True)  # fmt: skip
+    return dataset
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, start_step: int) -> MetricsLogger:
+    """metrics.jsonl, console rows, and TensorBoard / W&B / sample completions as logging.* says."""
+    log = cfg.logging
+    return MetricsLogger(
+        run_dir, cfg.trainer.max_steps, log.logging_steps, tensorboard=log.tensorboard, wandb=log.wandb,
+        wandb_project=log.wandb_project, config=OmegaConf.to_container(cfg, resolve=True),
+        sample_steps=log.sample_steps, start_step=start_step,
+    )  # fmt: skip
 
 
 def save_adapter(actors: Actors, path: Path) -> None:
@@ -184,38 +216,181 @@ def save_adapter(actors: Actors, path: Path) -> None:
         (path / name).write_bytes(data)
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (a resumed run writes them again)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+@contextmanager
+def phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[f"time/{name}"] = time.perf_counter() - start
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Turn the first SIGTERM/SIGINT into a request to checkpoint and stop after the step; a second one stops now."""
+    requested: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print(f"grpo-ray: {signal.Signals(signum).name}: finishing the step, then checkpointing", flush=True)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Run:
+    """The state of a run the driver keeps: step, weight version, data position, recoveries."""
+
+    def __init__(self, cfg: DictConfig, actors: Actors, schedule: OnPolicy, run_dir: Path) -> None:
+        self.cfg, self.actors, self.schedule, self.run_dir = cfg, actors, schedule, run_dir
+        self.step, self.version = 0, 0
+        self.initial_state = schedule.state_dict()
+        self.faults_in_a_row = 0
+        self.recoveries = {"rollout": 0, "learner": 0, "reward": 0}
+
+    # 1. one GRPO step
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """Generate, score, train, sync; returns the step's metrics and a few sample completions."""
+        cfg, actors, timeout = self.cfg, self.actors, self.cfg.cluster.call_timeout_s
+        num_prompts = self.schedule.prompts_per_step
+        timings: dict[str, float] = {}
+        with phase("step", timings):
+            with phase("rollout", timings):
+                rollout = wait(self.schedule.next_rollout(self.version), "RolloutActor.generate", timeout,
+                               actors.info.get("rollout"))  # fmt: skip
+            with phase("reward", timings):
+                scored = wait(actors.rewards.score(rollout, num_prompts), "RewardPool.score", timeout)
+            with phase("train", timings):
+                result = get(actors.learner.train_step.remote(scored), "LearnerActor.train_step", timeout,
+                             actors.info.get("learner"))  # fmt: skip
+            with phase("sync", timings):
+                self.version = self.sync_weights()
+        self.schedule.step_done()
+        self.step += 1
+        self.faults_in_a_row = 0
+        self.recoveries["reward"] += int(result.metrics.get("recovery/reward_restarts", 0))
+        # tokens/s: prompt + completion tokens of the step over its wall time, end to end
+        timings["perf/tokens_per_s"] = result.metrics["tokens/total"] / timings["time/step"]
+        recovery = {f"recovery/{name}_restarts": float(n) for name, n in self.recoveries.items()}
+        return {**result.metrics, **timings, **recovery}, result.samples
+
+    # 2. checkpoints
+    def save(self) -> Path:
+        files = get(self.actors.learner.state_files.remote(), "LearnerActor.state_files", self.cfg.cluster.call_timeout_s)
+        state = {"step": self.step, "version": self.version, "schedule": self.schedule.state_dict(),
+                 "recoveries": self.recoveries}  # fmt: skip
+        return save_checkpoint(self.run_dir, self.step, files, state, self.cfg.trainer.save_total_limit)
+
+    def restore(self, checkpoint: Path | None) -> None:
+        """Continue from `checkpoint` (None: from the start); the rollout gets the restored adapter."""
+        if checkpoint is None:
+            self.step, state = 0, {"schedule": self.initial_state, "recoveries": self.recoveries}
+        else:
+            files, state = load_checkpoint(checkpoint)
+            get(self.actors.learner.load_state_files.remote(files), "LearnerActor.load_state_files",
+                self.cfg.cluster.call_timeout_s)  # fmt: skip
+            self.step = state["step"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.recoveries = dict(state["recoveries"])
+        self.version = self.sync_weights()
+        truncate_metrics(self.run_dir, self.step)
+
+    # 3. actor faults
+    def _count_fault(self, error: Exception) -> None:
+        self.faults_in_a_row += 1
+        if self.faults_in_a_row > self.cfg.trainer.max_recoveries:
+            raise RuntimeError(
+                f"the run stopped after {self.faults_in_a_row - 1} recoveries in a row at step {self.step + 1} "
+                f"(trainer.max_recoveries={self.cfg.trainer.max_recoveries}); last fault: {error}"
+            ) from error
+        print(f"grpo-ray: actor fault at step {self.step + 1}, recovering: {str(error).splitlines()[0]}", flush=True)
+
+    def sync_weights(self) -> int:
+        """Move the adapter to the rollout; a rollout that dies meanwhile is restarted and synced."""
+        import ray
+
+        while True:
+            try:
+                return self.actors.sync_weights()
+            except ray.exceptions.RayActorError as error:
+                self._count_fault(error)
+                self.actors.refresh_info()
+                self.recoveries["rollout"] += 1
+
+    def recover(self, error: Exception) -> None:
+        """After an actor died before the learner's update: restore a restarted learner from the
+        last checkpoint, or sync a restarted rollout; the step is then retried.
+        Stops after trainer.max_recoveries faults in a row."""
+        self._count_fault(error)
+        self.schedule.after_fault()
+        before = {name: info["pid"] for name, info in self.actors.info.items()}
+        info = self.actors.refresh_info()  # waits until Ray has restarted the dead actor
+        if info["learner"]["pid"] != before["learner"]:
+            self.recoveries["learner"] += 1
+            checkpoints = list_checkpoints(self.run_dir)
+            recoveries = dict(self.recoveries)
+            self.restore(checkpoints[-1] if checkpoints else None)
+            self.recoveries = recoveries
+        elif info["rollout"]["pid"] != before["rollout"]:
+            self.recoveries["rollout"] += 1
+            self.version = self.sync_weights()
+
+
 def train(cfg: DictConfig) -> Path:
-    """Run GRPO as configured; returns the run directory (config.yaml, metrics.jsonl, final/)."""
-    run_dir = make_run_dir(cfg)
-    print(f"grpo-ray: run directory {run_dir}", flush=True)
+    """Run GRPO as configured; returns the run directory (config.yaml, metrics.jsonl, checkpoints/, final/)."""
+    import ray
+
+    run_dir, checkpoint = make_run_dir(cfg)
+    print(f"grpo-ray: run directory {run_dir}" + (f", resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
     prompts_per_step = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     prompts_per_step //= cfg.rollout.num_generations
-    sampler = PromptSampler(load_prompts(cfg.task, cfg.trainer.seed), seed=cfg.trainer.seed)
     model_path = resolve_model_path(cfg.model.name_or_path)
-    connect(cfg)
+    check_model(model_path, cfg.model)
+    sampler = PromptSampler(load_task_prompts(cfg, model_path), seed=cfg.trainer.seed)
+    connect(cfg.cluster.address, cfg.cluster.rollout_cpus + cfg.cluster.learner_cpus + cfg.reward.num_workers)
     actors = Actors.create(cfg, model_path)
-    schedule = (OneStepAhead if cfg.trainer.async_steps else OnPolicy)(actors, sampler, prompts_per_step)
-    logger = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.logging.logging_steps)
-    timeout = cfg.cluster.call_timeout_s
+    schedule = (OneStepAhead if cfg.trainer.async_steps else OnPolicy)(actors, sampler, prompts_per_step, cfg.trainer.seed)
+    run = Run(cfg, actors, schedule, run_dir)
+    logger = None
     try:
-        version = actors.sync_weights()  # the rollout starts from the learner's exact adapter
-        for step in range(1, cfg.trainer.max_steps + 1):
-            timings: dict[str, float] = {}
-            with phase("step", timings):
-                with phase("rollout", timings):
-                    rollout = wait(schedule.next_rollout(version), "RolloutActor.generate", timeout)
-                with phase("reward", timings):
-                    scored = wait(actors.rewards.score(rollout, prompts_per_step), "RewardPool.score", timeout)
-                with phase("train", timings):
-                    result = get(actors.learner.train_step.remote(scored), "LearnerActor.train_step", timeout)
-                with phase("sync", timings):
-                    version = actors.sync_weights()
-            # tokens/s: prompt + completion tokens of the step over its wall time, end to end
-            timings["perf/tokens_per_s"] = result.metrics["tokens/total"] / timings["time/step"]
-            logger.log(step, {**result.metrics, **timings})
+        run.restore(checkpoint)
+        logger = make_logger(cfg, run_dir, start_step=run.step)
+        with stop_signals() as stop:
+            while run.step < cfg.trainer.max_steps and not stop:
+                try:
+                    metrics, samples = run.train_step()
+                except ray.exceptions.RayActorError as error:
+                    run.recover(error)
+                    continue
+                logger.log(run.step, metrics)
+                logger.log_samples(run.step, samples)
+                if cfg.trainer.save_steps and run.step % cfg.trainer.save_steps == 0:
+                    run.save()
+            if stop:
+                path = run.save()
+                raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} at step {run.step}; "
+                                           f"checkpoint {path}; continue with resume=auto")  # fmt: skip
         save_adapter(actors, run_dir / "final")
+        if cfg.logging.plot:
+            print(f"grpo-ray: reward curves in {plot_run(run_dir)}", flush=True)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         actors.shutdown()
     print(f"grpo-ray: done; adapter in {run_dir / 'final'}", flush=True)
     return run_dir

@@ -78,6 +78,14 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def process_info(version: int) -> dict[str, Any]:
+    """What an actor's ready() reports: its pid and node (for stack dumps) and its weight version."""
+    import os
+    import socket
+
+    return {"pid": os.getpid(), "node": socket.gethostname(), "version": version}
+
+
 @dataclass
 class StepMetrics:
     """What the learner returns to the driver each step: small, plain numbers only."""
@@ -85,3 +93,4 @@ class StepMetrics:
     step: int
     version: int  # weight version after this step
     metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)  # a few completions with their rewards, for logs

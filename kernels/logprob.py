@@ -44,6 +44,8 @@ import math
 
 import torch
 
+from grpo_ray.kernels.reference import check_shapes
+
 try:
     import triton
     import triton.language as tl
@@ -285,16 +287,7 @@ def _chunk_rows(n: int, v: int, element_size: int, scratch_bytes: int) -> int:
 def _check_inputs(hidden, weight, targets, temperature):
     if not HAS_TRITON:
         raise RuntimeError("fused_selective_logprobs needs triton; use grpo_ray.kernels.reference")
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
-        raise ValueError(
-            f"expected hidden [N, H], weight [V, H], targets [N]; got {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
-        )
-    if hidden.shape[0] != targets.shape[0] or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-            f"targets {tuple(targets.shape)}"
-        )
+    check_shapes(hidden, weight, targets)
     if hidden.dtype not in _FLOAT_DTYPES or weight.dtype != hidden.dtype:
         raise TypeError(
             f"hidden and weight must share one of {_FLOAT_DTYPES}; got {hidden.dtype}, {weight.dtype}"

@@ -26,6 +26,20 @@ def _chunk_logprobs(
     return logp, entropy
 
 
+def check_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """hidden [N, H], weight [V, H], targets [N], or a ValueError that shows the shapes given."""
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            f"expected hidden [N, H], weight [V, H], targets [N]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
+        )
+    if hidden.shape[0] != targets.shape[0] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"targets {tuple(targets.shape)}"
+        )
+
+
 def selective_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -46,16 +60,7 @@ def selective_logprobs(
     Returns:
         (logp [N], entropy [N]), both float32 and differentiable w.r.t. hidden and weight.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
-        raise ValueError(
-            f"expected hidden [N, H], weight [V, H], targets [N]; got {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
-        )
-    if hidden.shape[0] != targets.shape[0] or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-            f"targets {tuple(targets.shape)}"
-        )
+    check_shapes(hidden, weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:

@@ -49,6 +49,7 @@ class RewardScores:
     values: list[list[float | None]]  # [N][F], None where a function returned None or failed
     errors: dict[str, int] = field(default_factory=dict)  # reward name (unique_reward_names) -> failed calls
     seconds: float = 0.0  # wall time of the whole range
+    restarts: int = 0  # 1 when the actor was restarted after a crash before scoring this range
 
 
 class _RewardCallError(Exception):
@@ -154,6 +155,7 @@ def combine_scores(
         metrics[f"rewards/{name}/errors"] = float(sum(part.errors.get(name, 0) for part in parts))
     metrics.update(completion_metrics(rollout))
     metrics["time/reward"] = max((part.seconds for part in parts), default=0.0)
+    metrics["recovery/reward_restarts"] = float(sum(part.restarts for part in parts))
     return ScoredRollout(
         rollout=rollout,
         reward_names=list(reward_names),

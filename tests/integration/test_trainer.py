@@ -134,7 +134,7 @@ def test_kl_penalty_and_several_iterations_per_rollout(ray_local, tiny_model_dir
 
 
 def test_call_deadline_names_the_actor_and_call(ray_local, tiny_model_dir, tmp_path):
-    from grpo_ray.trainer import CallTimeout
+    from grpo_ray.remote import CallTimeout
 
     cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "cluster.call_timeout_s=0.001"))
     with pytest.raises(CallTimeout, match=r"RolloutActor.__init__ \(loading the model\) did not finish within"):

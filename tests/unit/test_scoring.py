@@ -264,6 +264,7 @@ def test_combine_metrics_have_trl_names_and_hand_computed_values():
         "completions/min_terminated_length": 2.0,
         "completions/max_terminated_length": 3.0,
         "time/reward": 0.75,  # the slower part
+        "recovery/reward_restarts": 0.0,  # no part came from a restarted actor
     }
     assert metrics.keys() == expected.keys()
     for name, value in expected.items():

@@ -1,0 +1,31 @@
+"""Errors raised in actors that must tell the user which knob to turn."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+# What reduces memory in each phase, in the order worth trying.
+MEMORY_KNOBS = {
+    "learner": ("trainer.per_device_train_batch_size (raise trainer.gradient_accumulation_steps to keep the batch)",
+                "rollout.max_completion_length", "rollout.max_prompt_length", "trainer.gradient_checkpointing=on",
+                "model.quantization=nf4", "loss.kernel=triton (on CUDA)"),
+    "rollout": ("rollout.num_generations or fewer prompts per step", "rollout.max_completion_length",
+                "rollout.gpu_memory_utilization (vllm)", "rollout.max_prompt_length"),
+}  # fmt: skip
+
+
+class OutOfMemory(RuntimeError):
+    """A CUDA out-of-memory error, with the settings that lower memory in that phase."""
+
+
+@contextmanager
+def oom_advice(phase: str) -> Iterator[None]:
+    """Re-raise CUDA OOM in `phase` (learner | rollout) as OutOfMemory naming the knobs."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        knobs = "; ".join(MEMORY_KNOBS[phase])
+        raise OutOfMemory(f"the {phase} ran out of GPU memory ({str(e).splitlines()[0]}). Lower: {knobs}") from e

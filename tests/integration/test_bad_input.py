@@ -1,0 +1,54 @@
+"""Bad input stops the run before any model work, with a message that says what to change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from grpo_ray.data import DataError, drop_long_prompts
+from grpo_ray.errors import OutOfMemory, oom_advice
+from grpo_ray.models import load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grpo_ray", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_model_that_does_not_load(tmp_path):
+    proc = run_cli("model.name_or_path=/no/such/model", f"logging.output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "could not load model.name_or_path='/no/such/model'" in proc.stderr
+    assert "a local folder with config.json" in proc.stderr
+
+
+def test_reward_function_that_does_not_import_fails_at_startup(tiny_model_dir, tmp_path):
+    proc = run_cli(f"model.name_or_path={tiny_model_dir}", f"logging.output_dir={tmp_path}",
+                   "task.reward_funcs=[grpo_ray.rewards.gsm8k:corectness_reward]")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Did you mean 'grpo_ray.rewards.gsm8k:correctness_reward'?" in proc.stderr
+
+
+def test_long_prompts_are_dropped_and_counted(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = [{"prompt": [{"role": "user", "content": "x" * n}]} for n in (5, 80, 10)]
+    kept, dropped = drop_long_prompts(datasets.Dataset.from_list(rows), tokenizer, max_prompt_length=40)
+    assert dropped == 1 and [len(r["prompt"][0]["content"]) for r in kept] == [5, 10]
+    with pytest.raises(DataError, match="every prompt is longer than rollout.max_prompt_length=3"):
+        drop_long_prompts(datasets.Dataset.from_list(rows), tokenizer, max_prompt_length=3)
+
+
+def test_cuda_oom_names_the_knobs():
+    with pytest.raises(OutOfMemory, match=r"the learner ran out of GPU memory .*per_device_train_batch_size"):
+        with oom_advice("learner"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(OutOfMemory, match=r"rollout.gpu_memory_utilization"):
+        with oom_advice("rollout"):
+            raise torch.OutOfMemoryError("CUDA out of memory")

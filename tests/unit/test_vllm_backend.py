@@ -1,0 +1,203 @@
+"""The vllm backend's pure parts, without vllm: peft names -> the engine's fused LoRA slices,
+the zero adapter registered at start, sampling settings, seeds, and CompletionOutput conversion."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo_ray.actors import vllm_backend as vb
+from grpo_ray.config import load_config
+from grpo_ray.types import AdapterWeights
+
+# What a Llama/Qwen2 engine reports (hidden 8, q 8 rows, k/v 4 rows, intermediate 12, 1 layer, max rank 8).
+LAYOUT = {
+    "model.layers.0.self_attn.qkv_proj": [(8, 8, 8), (8, 4, 8), (8, 4, 8)],
+    "model.layers.0.self_attn.o_proj": [(8, 8, 8)],
+    "model.layers.0.mlp.gate_up_proj": [(8, 12, 8), (8, 12, 8)],
+    "model.layers.0.mlp.down_proj": [(12, 8, 8)],
+}
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def peft_tensors(r=4, modules=None):
+    out = {}
+    for path, (module, s) in vb.engine_targets(LAYOUT, PACKED).items():
+        if modules and path.rpartition(".")[2] not in modules:
+            continue
+        in_f, out_f, _ = LAYOUT[module][s]
+        out[f"base_model.model.{path}.lora_A.weight"] = torch.randn(r, in_f)
+        out[f"base_model.model.{path}.lora_B.weight"] = torch.randn(out_f, r)
+    return out
+
+
+def test_engine_targets_unfuse_qkv_and_gate_up_in_row_order():
+    targets = vb.engine_targets(LAYOUT, PACKED)
+    assert targets["model.layers.0.self_attn.q_proj"] == ("model.layers.0.self_attn.qkv_proj", 0)
+    assert targets["model.layers.0.self_attn.k_proj"] == ("model.layers.0.self_attn.qkv_proj", 1)
+    assert targets["model.layers.0.self_attn.v_proj"] == ("model.layers.0.self_attn.qkv_proj", 2)
+    assert targets["model.layers.0.mlp.gate_proj"] == ("model.layers.0.mlp.gate_up_proj", 0)
+    assert targets["model.layers.0.mlp.up_proj"] == ("model.layers.0.mlp.gate_up_proj", 1)
+    assert targets["model.layers.0.self_attn.o_proj"] == ("model.layers.0.self_attn.o_proj", 0)
+    assert len(targets) == 7
+
+
+def test_engine_targets_reject_a_slice_count_that_does_not_match_the_packing():
+    with pytest.raises(ValueError, match="has 2 slices but packs"):
+        vb.engine_targets({"model.layers.0.self_attn.qkv_proj": [(8, 8, 8)] * 2}, PACKED)
+
+
+def test_zero_adapter_covers_every_engine_slice_in_peft_names():
+    config, tensors = vb.zero_adapter(LAYOUT, PACKED, r=4, alpha=8)
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(tensors) == 14
+    assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (4, 8)
+    assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape == (4, 4)
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 12)
+    assert all(t.count_nonzero() == 0 for t in tensors.values())
+
+
+def test_write_plan_maps_every_pair_to_its_slice():
+    tensors = peft_tensors()
+    plan = vb.write_plan(tensors, LAYOUT, PACKED)
+    assert len(plan) == 7
+    by_a = {a: (module, s) for module, s, a, _ in plan}
+    assert by_a["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"] == ("model.layers.0.self_attn.qkv_proj", 2)
+    for module, s, a, b in plan:
+        assert a.replace("lora_A", "lora_B") == b
+
+
+def test_write_plan_of_a_partial_adapter_touches_only_its_modules():
+    plan = vb.write_plan(peft_tensors(modules={"q_proj", "v_proj"}), LAYOUT, PACKED)
+    assert [(m.rpartition(".")[2], s) for m, s, _, _ in plan] == [("qkv_proj", 0), ("qkv_proj", 2)]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.pop("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"), "lacks its lora_B"),
+        (lambda t: t.update({"base_model.model.model.layers.0.mlp.foo.lora_A.weight": torch.zeros(4, 8),
+                             "base_model.model.model.layers.0.mlp.foo.lora_B.weight": torch.zeros(8, 4)}), "no LoRA layer"),
+        (lambda t: t.update({"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 8)}), "do not fit"),
+        (lambda t: t.update({"base_model.model.lm_head.lora_embedding_A": torch.zeros(4, 8)}), "not a peft LoRA A/B"),
+    ],
+    ids=["missing-B", "unknown-module", "wrong-shape", "not-lora-matrix"],
+)  # fmt: skip
+def test_write_plan_errors_name_the_module(mutate, message):
+    tensors = peft_tensors()
+    mutate(tensors)
+    with pytest.raises(ValueError, match=message):
+        vb.write_plan(tensors, LAYOUT, PACKED)
+
+
+def test_write_plan_rejects_a_rank_above_the_engine_slot():
+    with pytest.raises(ValueError, match="max rank=8"):
+        vb.write_plan(peft_tensors(r=16), LAYOUT, PACKED)
+
+
+class FakeEngine:
+    """A worker with LoRA buffers shaped as vLLM's (2 slots, max rank 8), reached as collective_rpc does in-process."""
+
+    def __init__(self):
+        layers = {
+            name: SimpleNamespace(
+                lora_a_stacked=tuple(torch.zeros(2, 1, rank, i, dtype=torch.bfloat16) for i, _, rank in slices),
+                lora_b_stacked=tuple(torch.zeros(2, 1, o, rank, dtype=torch.bfloat16) for _, o, rank in slices),
+            )
+            for name, slices in LAYOUT.items()
+        }
+        self.manager = SimpleNamespace(modules=layers, packed_modules_mapping=PACKED, lora_index_to_id=[None, vb.LORA_ID])
+        self.worker = type("Worker", (vb.LoRAWriterExtension,), {})()
+        self.worker.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(_adapter_manager=self.manager))
+        self.resets = 0
+
+    def collective_rpc(self, method, args=()):
+        return [getattr(self.worker, method)(*args)]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+        return True
+
+
+def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
+    engine = FakeEngine()
+    backend = object.__new__(vb.VLLMBackend)  # no engine start: only the write path
+    layout = engine.collective_rpc("grpo_lora_layout")[0]
+    backend.llm, backend.scale, backend.dtype, backend._plan = engine, 16 / 4, torch.bfloat16, None
+    backend.layout, backend.packed = layout["modules"], layout["packed"]
+    tensors = peft_tensors(r=4)
+    backend.load_adapter(AdapterWeights(version=1, tensors=tensors))
+    layer = engine.manager.modules["model.layers.0.self_attn.qkv_proj"]
+    a_k = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+    b_k = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
+    assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], a_k.bfloat16())  # slot 1 holds LORA_ID, slice 1 is k
+    assert torch.equal(layer.lora_b_stacked[1][1, 0, :, :4], (b_k * 4).bfloat16())  # B scaled by alpha / r
+    for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked):
+        assert a[0].count_nonzero() == 0 and b[0].count_nonzero() == 0  # the other slot untouched
+        assert a[1, 0, 4:].count_nonzero() == 0 and b[1, 0, :, 4:].count_nonzero() == 0  # ranks above r stay 0
+    down = engine.manager.modules["model.layers.0.mlp.down_proj"]
+    a_down = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
+    assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and engine.resets == 1
+    # a second update replaces the values (same plan, no reload)
+    backend.load_adapter(AdapterWeights(version=2, tensors={k: -v for k, v in tensors.items()}))
+    assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (-a_k).bfloat16()) and engine.resets == 2
+
+
+def test_write_refuses_an_adapter_that_is_not_in_a_slot():
+    engine = FakeEngine()
+    engine.manager.lora_index_to_id = [None, None]
+    with pytest.raises(RuntimeError, match="not in a GPU slot"):
+        engine.collective_rpc("grpo_write_lora", (vb.LORA_ID, [], [], [], "bfloat16", b""))
+
+
+def test_max_lora_rank_rounds_up_to_a_vllm_rank():
+    assert [vb.max_lora_rank(r) for r in (1, 4, 8, 12, 16, 64, 300)] == [1, 8, 8, 16, 16, 64, 320]
+    with pytest.raises(ValueError, match="largest LoRA rank"):
+        vb.max_lora_rank(1024)
+
+
+def test_sampling_settings_and_model_len_come_from_the_rollout_config():
+    cfg = load_config(["rollout=vllm", "rollout.temperature=0.7", "rollout.top_k=20", "rollout.stop=[END]",
+                       "rollout.max_prompt_length=100", "rollout.max_completion_length=28",
+                       "+rollout.generation_kwargs.presence_penalty=0.5"])  # fmt: skip
+    kwargs = vb.sampling_kwargs(cfg.rollout)
+    assert kwargs["temperature"] == 0.7 and kwargs["top_k"] == 20 and kwargs["max_tokens"] == 28
+    assert kwargs["stop"] == ["END"] and kwargs["logprobs"] == 0 and kwargs["presence_penalty"] == 0.5
+    assert vb.max_model_len(cfg.rollout) == 128
+    cfg.rollout.max_prompt_length = None
+    assert vb.max_model_len(cfg.rollout) is None
+    assert vb.sampling_kwargs(load_config(["rollout=vllm"]).rollout)["stop"] is None
+
+
+def test_request_seeds_do_not_overlap_across_prompts_or_calls():
+    n = 8
+    seeds = [vb.request_seed(call, b, n) + i for call in range(50) for b in range(16) for i in range(n)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_to_generation_reads_the_sampled_tokens_logprobs():
+    lp = lambda x: SimpleNamespace(logprob=x)  # noqa: E731
+    out = SimpleNamespace(token_ids=[5, 7, 2], finish_reason="stop",
+                          logprobs=[{5: lp(-0.5), 9: lp(-0.1)}, {7: lp(-1.0)}, {2: lp(-2.0)}])  # fmt: skip
+    gen = vb.to_generation(out)
+    assert gen.token_ids == [5, 7, 2] and gen.logprobs == [-0.5, -1.0, -2.0] and gen.finish_reason == "stop"
+    with pytest.raises(RuntimeError, match="reason 'abort'"):
+        vb.to_generation(SimpleNamespace(token_ids=[5], finish_reason="abort", logprobs=[{5: lp(-1.0)}]))
+    with pytest.raises(RuntimeError, match="no logprob"):
+        vb.to_generation(SimpleNamespace(token_ids=[5], finish_reason="length", logprobs=None))
+
+
+def test_rollout_actor_picks_the_vllm_backend(tiny_model_dir, monkeypatch):
+    from grpo_ray.actors.rollout import RolloutActor
+
+    made = []
+
+    class FakeBackend:
+        def __init__(self, cfg, model_path, tokenizer):
+            made.append((cfg.rollout.backend, model_path, tokenizer.eos_token))
+
+    monkeypatch.setattr(vb, "VLLMBackend", FakeBackend)
+    cfg = load_config([f"model.name_or_path={tiny_model_dir}", "rollout=vllm"])
+    actor = RolloutActor(cfg, str(tiny_model_dir))
+    assert isinstance(actor.backend, FakeBackend) and made == [("vllm", str(tiny_model_dir), "<|im_end|>")]
