@@ -36,9 +36,14 @@ def ray_head(tmp_path):
     env[MARKER] = uuid.uuid4().hex
     temp_dir = Path("/tmp") / f"rayjob-{env[MARKER][:8]}"  # short: Ray's socket paths have a length limit
     gcs, dashboard = free_port(), free_port()
+    # Every port of its own: another Ray on this machine (the suite's ray_local) holds the defaults,
+    # and a job agent that cannot bind its port leaves `ray job submit` with "No available agent".
+    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         *(f"--{flag}={port}" for flag, port in ports.items())],
         check=True, env=env, capture_output=True, timeout=180,
     )  # fmt: skip
     try:
