@@ -132,7 +132,8 @@ class LearnerActor:
         metrics["time/train"] = time.perf_counter() - start
         metrics["tokens/total"] = float(sum(b["batch"].attention_mask.sum().item() for b in batches))
         metrics["perf/train_tokens_per_s"] = metrics["tokens/total"] * self.cfg.trainer.num_iterations / metrics["time/train"]
-        samples = sample_completions(scored, self.cfg.logging.num_samples)  # picked here: no batch travels to log
+        logging_cfg = self.cfg.logging  # samples are picked here, so no batch travels to be logged
+        samples = sample_completions(scored, logging_cfg.num_samples if logging_cfg.sample_steps else 0)
         return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics, samples=samples)
 
     # --- pieces of a step ----------------------------------------------------------------

@@ -65,7 +65,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("overrides", nargs="*",
                             help="config overrides: task=gsm8k task.num_examples=200 eval.greedy=false eval.k=8")  # fmt: skip
         parser.add_argument("--base", action="store_true", help="evaluate the base model, without the adapter")
-        parser.add_argument("--out", help="report path (default: <run_dir>/eval/<task>-<split>[-base].json)")
+        parser.add_argument("--out", help="report path (default: <run_dir>/eval/<task>-<split>[-k<k>][-base].json)")
     else:
         parser.description = "Write the base model with the adapter merged in, loadable by transformers and vLLM."
         parser.add_argument("target", help="a run directory or a PEFT adapter folder")

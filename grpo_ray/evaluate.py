@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig, target: Target, out: Path | str | None = None) -> 
     1. load the split's prompts (generated tasks draw them with `eval.seed`);
     2. build the rollout actor in this process and load the adapter into it (version 0);
     3. per batch of `eval.batch_size` prompts: generate, score with every reward function;
-    4. aggregate (`summarize`) and write JSON to `out` (default `<run>/eval/<task>-<split>[-base].json`).
+    4. aggregate (`summarize`) and write JSON to `out` (default `<run>/eval/` + `report_name`).
     """
     import torch
 
@@ -187,7 +187,8 @@ def evaluate(cfg: DictConfig, target: Target, out: Path | str | None = None) -> 
     rollouts, scores = [], []
     with tqdm(total=len(rows), unit="prompt", desc="eval", disable=None) as bar:  # a bar on terminals only
         for s in range(0, len(rows), cfg.eval.batch_size):
-            rollout = actor.generate(rows[s : s + cfg.eval.batch_size], version=0)
+            # sampled eval (k > 1) repeats exactly: each batch's seed comes from eval.seed and its position
+            rollout = actor.generate(rows[s : s + cfg.eval.batch_size], version=0, seed=cfg.eval.seed * 100_003 + s)
             rollouts.append(rollout)
             scores.append(score_rollout(rollout, funcs, cfg.reward.timeout_s))
             bar.update(len(rollout.prompts))
@@ -214,7 +215,9 @@ def evaluate(cfg: DictConfig, target: Target, out: Path | str | None = None) -> 
 
 
 def report_name(cfg: DictConfig, target: Target) -> str:
-    return f"{cfg.task.name}-{cfg.task.split}{'-base' if target.base else ''}.json"
+    """`<task>-<split>[-k<k>][-base].json`: greedy and sampled reports of the same target side by side."""
+    sampled = "" if cfg.eval.greedy else f"-k{cfg.eval.k}"
+    return f"{cfg.task.name}-{cfg.task.split}{sampled}{'-base' if target.base else ''}.json"
 
 
 def summarize(

@@ -27,7 +27,7 @@ from grpo_ray.config import to_yaml
 from grpo_ray.data import PromptSampler, drop_long_prompts, load_prompts
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.models import check_model, load_tokenizer, resolve_model_path
-from grpo_ray.plots import plot_run
+from grpo_ray.plots import write_reward_plot
 from grpo_ray.remote import connect, get, wait
 
 
@@ -386,11 +386,10 @@ def train(cfg: DictConfig) -> Path:
                 raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} at step {run.step}; "
                                            f"checkpoint {path}; continue with resume=auto")  # fmt: skip
         save_adapter(actors, run_dir / "final")
-        if cfg.logging.plot:
-            print(f"grpo-ray: reward curves in {plot_run(run_dir)}", flush=True)
     finally:
         if logger is not None:
             logger.close()
         actors.shutdown()
-    print(f"grpo-ray: done; adapter in {run_dir / 'final'}", flush=True)
+    plot = write_reward_plot(run_dir) if cfg.logging.plot else None  # a plotting problem only warns
+    print(f"grpo-ray: done; adapter in {run_dir / 'final'}" + (f", reward curves in {plot}" if plot else ""), flush=True)
     return run_dir

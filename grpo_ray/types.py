@@ -88,7 +88,7 @@ def process_info(version: int) -> dict[str, Any]:
 
 @dataclass
 class StepMetrics:
-    """What the learner returns to the driver each step: small, plain numbers only."""
+    """What the learner returns to the driver each step: plain numbers and a few sample rows, no batch."""
 
     step: int
     version: int  # weight version after this step

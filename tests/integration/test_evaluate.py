@@ -10,7 +10,9 @@ import torch
 
 from grpo_ray.cli import main
 from grpo_ray.config import ConfigError, load_config, to_yaml
-from grpo_ray.evaluate import EvalError, eval_config, evaluate, load_run_config, pass_at_k, resolve_target
+from grpo_ray.evaluate import (
+    EvalError, eval_config, evaluate, load_run_config, pass_at_k, report_name, resolve_target,
+)
 from grpo_ray.models import add_lora, load_model
 
 REWARDS_MODULE = '''
@@ -91,7 +93,7 @@ def test_eval_cli_writes_a_report_whose_numbers_follow_from_the_scores(run_dir, 
     args = ["eval", str(run_dir), "eval.greedy=false", "eval.k=3", "eval.batch_size=4", "eval.num_logged_samples=100"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    report_path = run_dir / "eval" / "arithmetic-test.json"
+    report_path = run_dir / "eval" / "arithmetic-test-k3.json"
     assert f"report: {report_path}" in printed and "pass@3" in printed
     report = json.loads(report_path.read_text())
     assert report["adapter"] == str(run_dir / "final") and report["task"]["split"] == "test"
@@ -116,11 +118,12 @@ def test_eval_cli_writes_a_report_whose_numbers_follow_from_the_scores(run_dir, 
 
 def test_base_eval_of_an_adapter_folder_uses_its_run_and_its_own_report_name(run_dir, tmp_path):
     target = resolve_target(run_dir / "final", base=True)
-    assert target.run_dir == run_dir and target.adapter is None
-    report = evaluate(eval_config(target, ["task.num_examples=2"]), target, tmp_path / "r.json")
+    assert target.run_dir == run_dir and target.adapter is None and target.report_dir == run_dir / "eval"
+    cfg = eval_config(target, ["task.num_examples=2"])
+    assert report_name(cfg, target) == "arithmetic-test-base.json"
+    report = evaluate(cfg, target, tmp_path / "r.json")
     assert report["adapter"] is None and report["decoding"]["k"] == 1
     assert json.loads((tmp_path / "r.json").read_text())["task"]["num_prompts"] == 2
-    assert resolve_target(run_dir).report_dir / "arithmetic-test-base.json"
 
 
 def test_bare_adapter_takes_its_base_model_and_lora_shape_from_adapter_config(tiny_model_dir, run_dir, tmp_path):

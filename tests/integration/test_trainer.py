@@ -139,3 +139,16 @@ def test_call_deadline_names_the_actor_and_call(ray_local, tiny_model_dir, tmp_p
     cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "cluster.call_timeout_s=0.001"))
     with pytest.raises(CallTimeout, match=r"RolloutActor.__init__ \(loading the model\) did not finish within"):
         train(cfg)
+
+
+def test_run_writes_tensorboard_samples_and_plot(ray_local, tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "logging.sample_steps=2", "logging.num_samples=2"))
+    run_dir = train(cfg)
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [e.step for e in events.Scalars("reward")] == [1, 2, 3]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 3} and len(samples) == 6  # step 1, every 2nd, the last
+    assert set(samples[0]["rewards"]) == {"vowel_reward", "broken_reward"}
+    assert (run_dir / "reward_curves.png").stat().st_size > 10_000
