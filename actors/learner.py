@@ -20,10 +20,22 @@ import torch
 from grpo_ray import grpo
 from grpo_ray.errors import oom_advice
 from grpo_ray.metrics import sample_completions
-from grpo_ray.logprobs import PackedBatch, completion_logprobs, pack, pad_ragged, select_kernel
-from grpo_ray.models import add_lora, load_model, load_tokenizer
+from grpo_ray.checkpointing import apply_gradient_checkpointing
+from grpo_ray.logprobs import (
+    PackedBatch, check_padding_free, completion_logprobs, micro_batch_indices, pack, pad_ragged, select_kernel,
+)  # fmt: skip
+from grpo_ray.models import add_lora, load_model, load_tokenizer, torch_dtype
 from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
-from grpo_ray.weights import check_version, export_adapter, load_adapter
+from grpo_ray.weights import (
+    adapter_tensors,
+    check_version,
+    engine_values,
+    export_adapter,
+    load_adapter,
+    model_on_engine_weights,
+    send_buckets,
+    share_tensors,
+)
 
 log = logging.getLogger("grpo_ray.learner")
 
@@ -42,16 +54,24 @@ class NonFiniteError(FloatingPointError):
 class LearnerActor:
     """Trains a LoRA adapter on scored rollouts; exports the adapter after each step."""
 
-    def __init__(self, cfg: Any, model_path: str, device: str = "cpu") -> None:
+    def __init__(self, cfg: Any, model_path: str, device: str = "cpu", shared_weights: bytes | None = None) -> None:
+        """`shared_weights`: the colocated engine's `share_weights()`; the base model is then built
+        on its tensors (CUDA IPC, no second copy) instead of loaded."""
         torch.manual_seed(cfg.trainer.seed)
         if cfg.cluster.cpu_threads:
             torch.set_num_threads(cfg.cluster.cpu_threads)
         else:  # Ray caps OMP threads at the actor's num_cpus; the learner may use the node's cores
             torch.set_num_threads(os.cpu_count() or 1)
         self.cfg, self.device = cfg, torch.device(device)
+        if self.device.index is not None:  # collectives and streams follow the current device
+            torch.cuda.set_device(self.device)
         self.pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id
-        self.model = add_lora(load_model(cfg.model, model_path, self.device), cfg.model.lora)
+        base = (load_model(cfg.model, model_path, self.device) if shared_weights is None
+                else model_on_engine_weights(cfg.model, model_path, shared_weights))  # fmt: skip
+        self.model = add_lora(base, cfg.model.lora)
         self.model.train()
+        check_padding_free(self.model, cfg.trainer.padding_free)
+        apply_gradient_checkpointing(self.model, cfg.trainer.gradient_checkpointing)
         trainer = cfg.trainer
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -75,6 +95,39 @@ class LearnerActor:
     def export_weights(self) -> AdapterWeights:
         """The adapter at the current version, for the rollout to load."""
         return export_adapter(self.model, self.version)
+
+    # the learner's side of the CUDA-IPC and NCCL paths (grpo_ray.weights)
+
+    def adapter_spec(self) -> dict[str, list[int]]:
+        """Name -> shape of each adapter tensor (peft state-dict names)."""
+        return {name: list(t.shape) for name, t in adapter_tensors(self.model).items()}
+
+    def share_adapter(self) -> tuple[bytes, dict[str, list[int]]]:
+        """CUDA-IPC handles of the LoRA parameters themselves (the optimizer updates them in place), and their shapes."""
+        return share_tensors(adapter_tensors(self.model)), self.adapter_spec()
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """Host and a free port for the NCCL group's rendezvous (this learner is rank 0)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """Create the NCCL broadcast group with the rollout engine(s), as rank 0."""
+        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+
+        self.weight_group = stateless_init_process_group(host, port, 0, world_size, self.device.index or 0)
+
+    def broadcast_weights(self) -> None:
+        """NCCL path: broadcast A and B·α/r (the engine's layout) in buckets of cluster.nccl_bucket_mb."""
+        lora = self.cfg.model.lora
+        values = engine_values(adapter_tensors(self.model), lora.alpha / lora.r, torch_dtype(self.cfg.model.dtype, "cuda"))
+        send_buckets(values, self.weight_group, self.cfg.cluster.nccl_bucket_mb * 2**20 // values[0].element_size())
+        torch.cuda.current_stream().synchronize()
 
     def adapter_files(self) -> dict[str, bytes]:
         """The adapter in PEFT format (adapter_config.json, adapter_model.safetensors) as bytes."""
@@ -120,7 +173,7 @@ class LearnerActor:
         with oom_advice("learner"):
             batches = self._micro_batches(scored)
             num_tokens = sum(b["batch"].completion_mask.sum().item() for b in batches)
-            self._no_grad_logprobs(batches)
+            self._no_grad_logprobs(batches, rollout.version)
             iterations = [
                 self._optimizer_step(batches, rollout.num_completions, num_tokens)
                 for _ in range(self.cfg.trainer.num_iterations)
@@ -132,56 +185,75 @@ class LearnerActor:
         metrics["time/train"] = time.perf_counter() - start
         metrics["tokens/total"] = float(sum(b["batch"].attention_mask.sum().item() for b in batches))
         metrics["perf/train_tokens_per_s"] = metrics["tokens/total"] * self.cfg.trainer.num_iterations / metrics["time/train"]
+        if self.device.type == "cuda":  # this process's peak, base weights included unless shared
+            metrics["memory/learner_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         logging_cfg = self.cfg.logging  # samples are picked here, so no batch travels to be logged
         samples = sample_completions(scored, logging_cfg.num_samples if logging_cfg.sample_steps else 0)
+        self._settle_device()
         return StepMetrics(step=self.steps_done, version=self.version, metrics=metrics, samples=samples)
 
     # --- pieces of a step ----------------------------------------------------------------
 
     def _micro_batches(self, scored: ScoredRollout) -> list[dict[str, Any]]:
-        """Completions in chunks of per_device_train_batch_size, packed with their advantages."""
-        rollout, g = scored.rollout, scored.rollout.num_generations
-        size = self.cfg.trainer.per_device_train_batch_size
+        """Completions grouped into micro-batches (per_device_train_batch_size completions, or by
+        trainer.max_tokens_per_microbatch), packed with their advantages and sampling logprobs."""
+        rollout, g, trainer = scored.rollout, scored.rollout.num_generations, self.cfg.trainer
         keep = torch.tensor(
             [not (self.cfg.loss.mask_truncated_completions and r == "length") for r in rollout.finish_reasons]
         )
+        lengths = [len(rollout.prompt_ids[i // g]) + len(c) for i, c in enumerate(rollout.completion_ids)]
+        groups = micro_batch_indices(
+            lengths, trainer.per_device_train_batch_size, trainer.max_tokens_per_microbatch, trainer.padding_free
+        )
         out = []
-        for s in range(0, rollout.num_completions, size):
-            idx = range(s, min(s + size, rollout.num_completions))
-            batch = pack([rollout.prompt_ids[i // g] for i in idx], [rollout.completion_ids[i] for i in idx], self.pad_id)
-            batch.completion_mask *= keep[s : s + size, None].float()
+        for idx in groups:
+            batch = pack([rollout.prompt_ids[i // g] for i in idx], [rollout.completion_ids[i] for i in idx],
+                         self.pad_id, trainer.padding_free)  # fmt: skip
+            batch.completion_mask *= keep[idx, None].float()
             sampling = pad_ragged([rollout.sampling_logprobs[i] for i in idx], 0.0, torch.float32)
-            out.append({"batch": batch.to(self.device), "advantages": scored.advantages[s : s + size].to(self.device),
+            out.append({"batch": batch.to(self.device), "advantages": scored.advantages[idx].to(self.device),
                         "sampling_logp": sampling.to(self.device)})
         return out
 
     def _logprobs(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, self.kernel)
 
+    def _settle_device(self) -> None:
+        """On CUDA, finish the step's kernels: the engine may read the adapter next, from another
+        process. Colocated, also hand cached memory back so the engine can map its KV cache again."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            if self.cfg.cluster.placement == "colocate":
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
-    def _no_grad_logprobs(self, batches: list[dict[str, Any]]) -> None:
-        """old_logp (μ > 1 reuses the rollout), ref_logp (β > 0, adapter disabled), first-step sync check."""
-        need_old = self.cfg.trainer.num_iterations > 1 or self.steps_done == 0
+    def _no_grad_logprobs(self, batches: list[dict[str, Any]], rollout_version: int) -> None:
+        """old_logp (μ > 1 reuses the rollout), ref_logp (β > 0, adapter disabled), and the sync
+        check on the first step and every trainer.sync_check_interval steps."""
+        interval = self.cfg.trainer.sync_check_interval
+        check = self.steps_done == 0 or (interval > 0 and self.steps_done % interval == 0)
+        need_old = self.cfg.trainer.num_iterations > 1 or check
         for mb in batches:
             if need_old:
                 mb["old_logp"] = self._logprobs(mb["batch"])[0]
             if self.cfg.loss.beta > 0:
                 with self.model.disable_adapter():
                     mb["ref_logp"] = self._logprobs(mb["batch"])[0]
-        if self.steps_done == 0:
-            self._check_sync(batches)
+        if check:
+            self._check_sync(batches, rollout_version)
         if self.cfg.trainer.num_iterations == 1:  # on-policy: old_logp is logp.detach() in the loss
             for mb in batches:
                 mb.pop("old_logp", None)
 
-    def _check_sync(self, batches: list[dict[str, Any]]) -> None:
+    def _check_sync(self, batches: list[dict[str, Any]], rollout_version: int) -> None:
         """Fail loudly when the engine's logprobs are far from the learner's (stale or wrong weights)."""
         gap = sum(((mb["old_logp"] - mb["sampling_logp"]).abs() * mb["batch"].completion_mask).sum() for mb in batches)
         tokens = sum(mb["batch"].completion_mask.sum() for mb in batches).clamp(min=1)
         mean_gap = (gap / tokens).item()
         if mean_gap > self.cfg.trainer.sync_check_tolerance:
             raise SyncCheckError(
-                f"mean |learner logp - sampling logp| = {mean_gap:.4f} at learner version {self.version} exceeds "
+                f"mean |learner logp - sampling logp| = {mean_gap:.4f} between the learner at weight version "
+                f"{self.version} and the rollout made by version {rollout_version} exceeds "
                 f"trainer.sync_check_tolerance={self.cfg.trainer.sync_check_tolerance}: the rollout engine is not "
                 "sampling from the learner's weights (or uses another temperature)"
             )

@@ -13,21 +13,24 @@ from typing import Any, Sequence
 import ray
 from ray import ObjectRef
 
-from grpo_ray import rewards
+from grpo_ray import rewards, sandbox
 from grpo_ray.config import RewardConfig, TaskConfig
 from grpo_ray.rewards.scoring import RewardScores, combine_scores, score_rollout, unique_reward_names
 from grpo_ray.types import Rollout, ScoredRollout
 
-__all__ = ["RewardActor", "RewardPool", "group_ranges"]
+__all__ = ["RewardActor", "RewardPool", "group_ranges", "start_sandbox"]
 
 
 class RewardActor:
     """Scores ranges of a rollout's groups with reward functions loaded by import path."""
 
     def __init__(self, reward_funcs: list[str], timeout_s: float) -> None:
+        """Loads the functions; when one runs code (`@requires_sandbox`), also starts this
+        process's warm sandbox, or raises RewardLoadError with the command that installs it."""
         self.funcs = [rewards.load(path) for path in reward_funcs]
         self.names = unique_reward_names(self.funcs)
         self.timeout_s = timeout_s
+        start_sandbox([path for path, fn in zip(reward_funcs, self.funcs) if sandbox.needs_sandbox(fn)])
 
     def ready(self) -> list[str]:
         """The reward names: answers once the functions loaded, so the pool can wait for it."""
@@ -67,6 +70,22 @@ class _RemoteRewardActor(RewardActor):
 
     def __repr__(self) -> str:
         return "RewardActor"  # Ray's prefix of the actor's log lines
+
+
+def start_sandbox(paths: list[str]) -> None:
+    """Start the code sandbox that the reward functions at `paths` need (none: nothing to do).
+
+    At startup, so that a node without bubblewrap stops the run with the install command instead
+    of scoring None for every completion; the sandbox it starts stays warm for the first job.
+    """
+    if not paths:
+        return
+    try:
+        sandbox.check_available()
+    except sandbox.SandboxUnavailable as error:
+        raise rewards.RewardLoadError(
+            f"{', '.join(paths)} run completions in the code sandbox, which cannot start on this node: {error}"
+        ) from error
 
 
 def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:

@@ -31,6 +31,8 @@ class Generation:
 
 
 class Backend(Protocol):
+    timings: dict[str, float]  # time/* of the last generate beyond sampling itself (sleep mode)
+
     def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Generation]]: ...
     def load_adapter(self, weights: AdapterWeights) -> None: ...
 
@@ -40,6 +42,7 @@ class HFBackend:
 
     def __init__(self, cfg: Any, model_path: str, tokenizer: Any, device: str) -> None:
         self.cfg, self.tokenizer, self.device = cfg.rollout, tokenizer, torch.device(device)
+        self.timings: dict[str, float] = {}
         self.model = add_lora(load_model(cfg.model, model_path, self.device), cfg.model.lora).eval()
 
     def load_adapter(self, weights: AdapterWeights) -> None:
@@ -96,7 +99,8 @@ class RolloutActor:
         if cfg.rollout.backend == "vllm":  # GPU only; the engine takes the visible CUDA device
             from grpo_ray.actors.vllm_backend import VLLMBackend
 
-            self.backend = VLLMBackend(cfg, model_path, self.tokenizer)
+            release = cfg.cluster.placement == "colocate" and cfg.rollout.release_memory
+            self.backend = VLLMBackend(cfg, model_path, self.tokenizer, release_memory=release)
         else:
             self.backend = HFBackend(cfg, model_path, self.tokenizer, device)
         self.version = 0
@@ -107,16 +111,42 @@ class RolloutActor:
         return process_info(self.version)
 
     def update_weights(self, weights: AdapterWeights) -> int:
-        """Load the learner's adapter in memory; returns the new version."""
+        """Object-store path: load the learner's adapter in memory; returns the new version."""
         self.backend.load_adapter(weights)
         self.version = weights.version
         return self.version
 
-    def sleep(self) -> None:
-        """Release generation memory while the learner trains (no-op on CPU)."""
+    def close(self) -> None:
+        """Stop the engine's own processes and free its memory (before the actor is killed)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
-    def wake(self) -> None:
-        """Take generation memory back before generating (no-op on CPU)."""
+    # vllm only: the engine's side of the CUDA-IPC and NCCL paths (grpo_ray.weights)
+
+    def share_weights(self) -> bytes:
+        """CUDA-IPC handles of the engine's base weights, for a colocated learner to build on."""
+        return self.backend.share_weights()
+
+    def map_adapter(self, shared: tuple[bytes, dict[str, list[int]]]) -> int:
+        """Map the colocated learner's LoRA tensors (its `share_adapter()`) into the engine, once."""
+        return self.backend.map_adapter(*shared)
+
+    def pull_weights(self, version: int) -> int:
+        """CUDA-IPC path: copy the learner's adapter (now at `version`) into the engine; returns the version."""
+        self.backend.pull_adapter(version)
+        self.version = version
+        return self.version
+
+    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:
+        """NCCL path, once: join the learner's broadcast group."""
+        self.backend.join_weight_group(host, port, world_size, shapes)
+
+    def receive_weights(self, version: int) -> int:
+        """NCCL path: receive the learner's adapter (at `version`) by broadcast; returns the version."""
+        self.backend.receive_adapter(version)
+        self.version = version
+        return self.version
 
     def generate(self, rows: list[dict[str, Any]], version: int, seed: int | None = None) -> Rollout:
         """Sample a group per dataset row; refuses to run on weights other than `version`.
@@ -149,5 +179,6 @@ class RolloutActor:
             columns={k: [row[k] for row in rows] for k in rows[0] if k != "prompt"},
             num_generations=cfg.num_generations,
             version=self.version,
-            metrics={"time/rollout": time.perf_counter() - start, "rollout/prompts_truncated": float(truncated)},
+            metrics={"time/rollout": time.perf_counter() - start, "rollout/prompts_truncated": float(truncated),
+                     **self.backend.timings},
         )

@@ -2,16 +2,23 @@
 
 The engine serves one LoRA, registered once at start: a zero adapter (B = 0, which is the
 learner's initial adapter) written once to a temporary folder in peft format, with the
-shapes the engine itself reports. After that no adapter file is written: `load_adapter`
-copies the learner's tensors into the engine's own LoRA buffers through a worker extension
-(DESIGN.md, "Proven on the H100"):
+shapes the engine itself reports. After that no adapter file is written: each update copies
+the learner's values into the engine's own LoRA buffers (DESIGN.md, "Proven on the H100"):
 
     lora_a_stacked[s][slot, 0, :r, :] = A            peft's A as is    [r, in]
     lora_b_stacked[s][slot, 0, :, :r] = B · α / r    peft's B, scaled  [out, r]
 
 where slice s of a fused module is one of its parts (vLLM fuses q|k|v into qkv_proj and
-gate|up into gate_up_proj), and then clears the prefix cache, whose KV blocks were computed
-with the old adapter. Writes happen between `generate` calls, when the engine is idle.
+gate|up into gate_up_proj). The values come by one of three paths (grpo_ray.weights): bytes
+through the engine's RPC (object store), a device-to-device copy from the learner's own
+tensors mapped through CUDA IPC (colocated), or NCCL buckets (separate GPUs). Writes happen
+between `generate` calls, when the engine is idle. Each version is served under a new LoRA
+name in the same slot: vLLM hashes KV blocks with the LoRA name, so blocks cached with the
+old values can never be reused, and no prefix-cache reset is needed.
+
+Colocated (`release_memory`), the engine runs in sleep mode: it frees its KV cache after
+generating and maps it back before the next generation, while its weights (outside the
+sleep pool, see vllm_worker.GRPOWorker) stay where the learner maps them.
 
 Sampling logprobs are vLLM's `processed_logprobs`: the log-softmax of the logits after
 temperature (and top-k / top-p / min-p when set), i.e. of the distribution the token was
@@ -19,7 +26,7 @@ drawn from. With top_p = 1, top_k = 0, min_p = 0 this is the learner's temperatu
 logp exactly; with truncation it is the truncated distribution.
 
 vllm is imported lazily: the module imports without it, and its pure helpers (name mapping,
-zero adapter, sampling settings) are unit-tested on CPU.
+zero adapter, sampling settings, the worker's write paths) are unit-tested on CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -36,10 +44,18 @@ from typing import Any
 import torch
 
 from grpo_ray.types import AdapterWeights
+from grpo_ray.weights import (
+    PEFT_PREFIX,
+    adapter_pairs,
+    engine_values,
+    open_shared_tensors,
+    receive_buckets,
+    share_tensors,
+)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
-PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict names: PEFT_PREFIX + module + ".lora_A.weight"
 LORA_ID = 1  # the one adapter the engine serves
+WORKER_CLS = "grpo_ray.actors.vllm_worker.GRPOWorker"
 
 # module name -> per slice (in_features, out_features, max_rank), as the engine reports it
 Layout = dict[str, list[tuple[int, int, int]]]
@@ -80,18 +96,6 @@ def request_seed(seed: int, prompt: int, n: int) -> int:
     return (seed * 1_000_003 + prompt * n) % 2**62
 
 
-def peft_module(name: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
-    for kind in ("A", "B"):
-        suffix = f".lora_{kind}.weight"
-        if name.startswith(PEFT_PREFIX) and name.endswith(suffix):
-            return name[len(PEFT_PREFIX) : -len(suffix)], kind
-    raise ValueError(
-        f"adapter tensor {name!r} is not a peft LoRA A/B matrix ({PEFT_PREFIX}<module>.lora_A.weight); "
-        "the vllm backend serves plain LoRA on linear layers only"
-    )
-
-
 def engine_targets(layout: Layout, packed: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
     """Every unfused module path the engine's LoRA layers cover -> (engine module, slice).
 
@@ -129,31 +133,43 @@ def zero_adapter(layout: Layout, packed: dict[str, list[str]], r: int, alpha: fl
 def write_plan(
     tensors: dict[str, torch.Tensor], layout: Layout, packed: dict[str, list[str]]
 ) -> list[tuple[str, int, str, str]]:
-    """(engine module, slice, A name, B name) for each LoRA pair of an adapter, shapes checked."""
-    pairs: dict[str, dict[str, str]] = {}
-    for name in tensors:
-        path, kind = peft_module(name)
-        pairs.setdefault(path, {})[kind] = name
+    """(engine module, slice, A name, B name) per LoRA pair of an adapter, in `adapter_pairs`
+    order (the order every sync path sends values in), shapes checked."""
     targets = engine_targets(layout, packed)
     plan = []
-    for path in sorted(pairs):
-        pair = pairs[path]
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"adapter module {path} lacks its lora_{'B' if 'A' in pair else 'A'} tensor")
+    for path, a_name, b_name in adapter_pairs(tensors):
         if path not in targets:
             example = next(iter(sorted(targets)), "none")
             raise ValueError(f"adapter module {path} has no LoRA layer in the vLLM engine (engine modules look like {example})")
         module, s = targets[path]
         in_features, out_features, rank = layout[module][s]
-        a, b = tensors[pair["A"]], tensors[pair["B"]]
+        a, b = tensors[a_name], tensors[b_name]
         r = a.shape[0]
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r) or r > rank:
             raise ValueError(
                 f"adapter module {path}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the engine's slice "
                 f"(in={in_features}, out={out_features}, max rank={rank})"
             )
-        plan.append((module, s, pair["A"], pair["B"]))
+        plan.append((module, s, a_name, b_name))
     return plan
+
+
+def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: bool = False) -> dict[str, Any]:
+    """vllm.LLM's arguments from the config: one LoRA slot of the adapter's rank, sampling logprobs
+    after temperature, single-process executor, sleep mode when the engine gives memory back."""
+    from grpo_ray.models import torch_dtype
+
+    rollout = cfg.rollout
+    return dict(
+        model=model_path, tokenizer=tokenizer_dir, revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code, dtype=str(torch_dtype(cfg.model.dtype, "cuda")).removeprefix("torch."),
+        quantization="bitsandbytes" if cfg.model.quantization == "nf4" else None,
+        seed=cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enforce_eager=rollout.enforce_eager, max_model_len=max_model_len(rollout),
+        enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(cfg.model.lora.r),
+        logprobs_mode="processed_logprobs", distributed_executor_backend="uni", enable_sleep_mode=release_memory,
+        attention_config=attention_config(),
+    )  # fmt: skip
 
 
 def to_generation(output: Any) -> Any:
@@ -178,14 +194,16 @@ def attention_config() -> dict[str, str] | None:
     return None if any(fa_dir.glob("_vllm_fa*_C*.so")) else {"backend": "TRITON_ATTN"}
 
 
-# --- inside the engine: mixed into vLLM's GPU worker ------------------------------------
+# --- inside the engine: methods of vLLM's GPU worker (see vllm_worker.GRPOWorker) -----------
 
 
 class LoRAWriterExtension:
-    """`worker_extension_cls` of the engine: these methods run in the worker, `self` is the worker.
+    """The engine-side half of every sync path; `self` is vLLM's GPU worker.
 
     Reached through `LLM.collective_rpc(name, args=...)`; arguments and results are plain data
-    and CPU tensors (they cross a process boundary when the engine runs in its own process).
+    and bytes (they cross a process boundary when the engine runs in its own process). An
+    adapter is addressed as a plan: (modules, slices) per LoRA pair in `adapter_pairs` order,
+    and values [A0, B0·α/r, A1, ...] with `shapes` in that order.
     """
 
     def _grpo_lora_manager(self) -> Any:
@@ -200,34 +218,85 @@ class LoRAWriterExtension:
         }
         return {"modules": modules, "packed": {k: list(v) for k, v in manager.packed_modules_mapping.items()}}
 
-    def grpo_write_lora(
-        self, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]], dtype: str, payload: bytes
-    ) -> int:
-        """Copy A [r, in] and scaled B [out, r] of each (module, slice) into the adapter's slot.
-
-        `payload` holds the tensors A0, B0, A1, B1, ... (`shapes`, `dtype`) back to back as raw
-        bytes: bytes cross the engine's msgpack transport as they are, where tensors nested in
-        collective_rpc arguments would arrive undecoded. One host-to-device copy, then one
-        `_foreach_copy_` into the buffers. Returns the number of tensors written.
-        """
+    def _grpo_slot_views(self, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]]) -> list[torch.Tensor]:
+        """[A0, B0, A1, B1, ...]: views of the adapter slot's first r ranks in each (module, slice)."""
         manager = self._grpo_lora_manager()
         if lora_id not in manager.lora_index_to_id:
             raise RuntimeError(f"LoRA {lora_id} is not in a GPU slot of the engine (slots: {manager.lora_index_to_id})")
         slot = manager.lora_index_to_id.index(lora_id)
-        dst = []
-        for module, s in zip(modules, slices):
+        views = []
+        for i, (module, s) in enumerate(zip(modules, slices)):
             layer = manager.modules[module]
-            dst.append(layer.lora_a_stacked[s][slot, 0])  # [max_rank, in]
-            dst.append(layer.lora_b_stacked[s][slot, 0])  # [out, max_rank]
-        dst = [d[: shape[0], :] if i % 2 == 0 else d[:, : shape[1]] for i, (d, shape) in enumerate(zip(dst, shapes))]
+            views.append(layer.lora_a_stacked[s][slot, 0, : shapes[2 * i][0], :])  # [r, in] of [max_rank, in]
+            views.append(layer.lora_b_stacked[s][slot, 0, :, : shapes[2 * i + 1][1]])  # [out, r] of [out, max_rank]
+        if any(list(v.shape) != list(shape) for v, shape in zip(views, shapes)):
+            raise ValueError("LoRA update shapes do not fit the engine's buffers")
+        return views
+
+    def grpo_write_lora(
+        self, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]], dtype: str, payload: bytes
+    ) -> int:
+        """Object-store path: copy values sent as raw bytes into the adapter's slot.
+
+        `payload` holds the values back to back (`shapes`, `dtype`): bytes cross the engine's
+        msgpack transport as they are, where tensors nested in collective_rpc arguments would
+        arrive undecoded. One host-to-device copy, then one `_foreach_copy_`. Returns the
+        number of tensors written.
+        """
+        dst = self._grpo_slot_views(lora_id, modules, slices, shapes)
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dst[0].device).view(getattr(torch, dtype))
         src = [t.view(shape) for t, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
-        if any(d.shape != t.shape for d, t in zip(dst, src)):
-            raise ValueError("LoRA update shapes do not fit the engine's buffers")
         torch._foreach_copy_(dst, src)
-        if flat.is_cuda:  # written before the engine's next step, and before `payload` goes
-            torch.cuda.current_stream(flat.device).synchronize()
+        _written(dst[0])
         return len(dst)
+
+    def grpo_share_weights(self) -> bytes:
+        """CUDA-IPC handles of every weight of the engine's model and its packed_modules_mapping (pickled)."""
+        import pickle
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        tensors = {name: p.data for name, p in model.named_parameters()}
+        packed = {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}
+        return pickle.dumps({"tensors": share_tensors(tensors), "packed": packed})
+
+    def grpo_map_adapter(self, lora_id: int, modules: list[str], slices: list[int], names: list[str], payload: bytes,
+                         scale: float) -> int:  # fmt: skip
+        """CUDA-IPC path, once: map the learner's LoRA tensors (`names` in plan order, A and B
+        alternating) and pair them with the slot's views; `grpo_pull_adapter` copies them."""
+        sources = open_shared_tensors(payload)
+        src = [sources[name] for name in names]
+        dst = self._grpo_slot_views(lora_id, modules, slices, [list(t.shape) for t in src])
+        self._grpo_mapped = (dst[0::2], src[0::2], dst[1::2], src[1::2], scale)
+        return len(dst)
+
+    def grpo_pull_adapter(self) -> int:
+        """CUDA-IPC path, each step: A and B·α/r from the learner's tensors into the slot, on the device."""
+        dst_a, src_a, dst_b, src_b, scale = self._grpo_mapped
+        torch._foreach_copy_(dst_a, src_a)
+        torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, scale))
+        _written(dst_a[0])
+        return 2 * len(dst_a)
+
+    def grpo_join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """NCCL path, once: join the learner's broadcast group (the learner is rank 0)."""
+        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+
+        self._grpo_group = stateless_init_process_group(host, port, rank, world_size, torch.cuda.current_device())
+
+    def grpo_receive_adapter(self, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]],
+                             dtype: str, bucket_numel: int) -> int:  # fmt: skip
+        """NCCL path, each step: receive the learner's buckets straight into the slot's views."""
+        dst = self._grpo_slot_views(lora_id, modules, slices, shapes)
+        for start, parts in receive_buckets(shapes, getattr(torch, dtype), dst[0].device, self._grpo_group, bucket_numel):
+            torch._foreach_copy_(dst[start : start + len(parts)], parts)
+        _written(dst[0])
+        return len(dst)
+
+
+def _written(tensor: torch.Tensor) -> None:
+    """Wait for a write into the engine's buffers: done before its next step reads them."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
 
 
 # --- the backend ------------------------------------------------------------------------
@@ -242,20 +311,26 @@ def _shutdown(llm: Any, tmp: tempfile.TemporaryDirectory) -> None:
 
 
 class VLLMBackend:
-    """RolloutActor backend on a vLLM engine (GPU); same interface as HFBackend.
+    """RolloutActor backend on a vLLM engine (GPU); same interface as HFBackend, plus the
+    engine side of the CUDA-IPC and NCCL sync paths.
 
-    Engine settings from the config: model.dtype, model.lora (rank → max_lora_rank, α/r → B's
-    scale), rollout.gpu_memory_utilization, rollout.enforce_eager, prompt + completion budget →
-    max_model_len, trainer.seed. The engine runs on the visible CUDA device.
+    Engine settings from the config: model.dtype, model.quantization, model.lora (rank →
+    max_lora_rank, α/r → B's scale), rollout.gpu_memory_utilization, rollout.enforce_eager,
+    prompt + completion budget → max_model_len, trainer.seed, cluster.nccl_bucket_mb. The
+    engine runs on the visible CUDA device. `release_memory`: sleep mode, KV cache freed
+    between generations (colocated with the learner).
     """
 
-    def __init__(self, cfg: Any, model_path: str, tokenizer: Any) -> None:
+    def __init__(self, cfg: Any, model_path: str, tokenizer: Any, release_memory: bool = False) -> None:
         from grpo_ray.models import torch_dtype
 
         self.cfg = cfg.rollout
         lora = cfg.model.lora
         self.scale = lora.alpha / lora.r
         self.dtype = torch_dtype(cfg.model.dtype, "cuda")
+        self.bucket_numel = cfg.cluster.nccl_bucket_mb * 2**20 // self.dtype.itemsize
+        self.release_memory = release_memory
+        self.timings: dict[str, float] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="grpo_ray_vllm_")
         root = Path(self._tmp.name)
         # 1. the rollout's tokenizer in a folder of its own: with transformers 5, a tokenizer next
@@ -268,19 +343,9 @@ class VLLMBackend:
         # loading the model (H100, vLLM 0.25). A spawned one starts clean.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
-        from vllm.lora.request import LoRARequest
 
-        # 2. the engine, with one LoRA slot and our writer mixed into its worker
-        self.llm = LLM(
-            model=model_path, tokenizer=str(root / "tokenizer"), revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code, dtype=str(self.dtype).removeprefix("torch."),
-            quantization="bitsandbytes" if cfg.model.quantization == "nf4" else None,
-            seed=cfg.trainer.seed, gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-            enforce_eager=self.cfg.enforce_eager, max_model_len=max_model_len(self.cfg),
-            enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(lora.r),
-            logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.LoRAWriterExtension",
-            attention_config=attention_config(),
-        )  # fmt: skip
+        # 2. the engine, with one LoRA slot and our worker (write paths; weights outside the sleep pool)
+        self.llm = LLM(**engine_args(cfg, model_path, str(root / "tokenizer"), release_memory), worker_cls=WORKER_CLS)
         self._finalizer = weakref.finalize(self, _shutdown, self.llm, self._tmp)
         # 3. a zero adapter of the engine's shapes, written once, registered and pinned in its slot
         layout = self.llm.collective_rpc("grpo_lora_layout")[0]
@@ -291,35 +356,92 @@ class VLLMBackend:
         (root / "adapter").mkdir()
         (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
         save_file(tensors, str(root / "adapter" / "adapter_model.safetensors"))
-        self.lora_request = LoRARequest("grpo_ray", LORA_ID, str(root / "adapter"))
+        self.adapter_dir = str(root / "adapter")
+        self._serve_version(0)
         self.llm.llm_engine.add_lora(self.lora_request)
         self.llm.llm_engine.pin_lora(LORA_ID)
         self._plan: list[tuple[str, int, str, str]] | None = None
+        self._received: tuple[list, list, list[list[int]]] | None = None  # NCCL: modules, slices, shapes
+        if release_memory:  # asleep until the first generation: the learner builds in the free memory
+            self.llm.sleep(level=1)
+
+    def _serve_version(self, version: int) -> None:
+        """Serve the slot's current values under a name of their own (new KV-block hashes, same slot)."""
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = LoRARequest(f"grpo_ray-v{version}", LORA_ID, self.adapter_dir)
+
+    def _plan_for(self, tensors: dict[str, Any]) -> list[tuple[str, int, str, str]]:
+        """The write plan of an adapter with these names and shapes (kept while they stay the same)."""
+        if self._plan is None or {n for _, _, a, b in self._plan for n in (a, b)} != set(tensors):
+            self._plan = write_plan(tensors, self.layout, self.packed)
+        return self._plan
 
     def load_adapter(self, weights: AdapterWeights) -> None:
-        """Write the learner's adapter into the engine's LoRA buffers (no file, no reload)."""
-        if self._plan is None or {n for _, _, a, b in self._plan for n in (a, b)} != set(weights.tensors):
-            self._plan = write_plan(weights.tensors, self.layout, self.packed)
-        t = weights.tensors
-        tensors = [m for _, _, a, b in self._plan for m in (t[a].to(self.dtype), (t[b].float() * self.scale).to(self.dtype))]
-        payload = torch.cat([m.reshape(-1) for m in tensors]).view(torch.uint8).numpy().tobytes()
+        """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no reload)."""
+        plan = self._plan_for(weights.tensors)
+        values = engine_values(weights.tensors, self.scale, self.dtype)
+        payload = torch.cat([m.reshape(-1) for m in values]).view(torch.uint8).numpy().tobytes()
         self.llm.collective_rpc("grpo_write_lora", args=(
-            LORA_ID, [m for m, _, _, _ in self._plan], [s for _, s, _, _ in self._plan],
-            [list(m.shape) for m in tensors], str(self.dtype).removeprefix("torch."), payload,
+            LORA_ID, [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], [list(m.shape) for m in values],
+            str(self.dtype).removeprefix("torch."), payload,
         ))  # fmt: skip
-        if not self.llm.reset_prefix_cache():  # cached KV blocks hold the old adapter's keys and values
-            raise RuntimeError("vLLM refused to reset its prefix cache after a LoRA update (requests still running?)")
+        self._serve_version(weights.version)
+
+    def share_weights(self) -> bytes:
+        """CUDA-IPC handles of the engine's weights, for the learner to build its model on (no copy)."""
+        return self.llm.collective_rpc("grpo_share_weights")[0]
+
+    def map_adapter(self, payload: bytes, shapes: dict[str, list[int]]) -> int:
+        """CUDA-IPC path, once: the engine maps the learner's LoRA tensors (`shapes`: name -> shape)."""
+        plan = self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
+        names = [n for _, _, a, b in plan for n in (a, b)]
+        return self.llm.collective_rpc("grpo_map_adapter", args=(
+            LORA_ID, [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], names, payload, self.scale,
+        ))[0]  # fmt: skip
+
+    def pull_adapter(self, version: int) -> None:
+        """CUDA-IPC path, each step: the engine copies the learner's current adapter on the device."""
+        self.llm.collective_rpc("grpo_pull_adapter")
+        self._serve_version(version)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:
+        """NCCL path, once: join the learner's group as rank 1; `shapes` (name -> shape) fixes the plan."""
+        plan = self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
+        values = [shape for _, _, a, b in plan for shape in (shapes[a], shapes[b])]
+        self._received = ([m for m, _, _, _ in plan], [s for _, s, _, _ in plan], values)
+        self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, 1, world_size))
+
+    def receive_adapter(self, version: int) -> None:
+        """NCCL path, each step: receive the learner's broadcast into the engine's LoRA buffers."""
+        modules, slices, shapes = self._received
+        self.llm.collective_rpc("grpo_receive_adapter", args=(
+            LORA_ID, modules, slices, shapes, str(self.dtype).removeprefix("torch."), self.bucket_numel,
+        ))  # fmt: skip
+        self._serve_version(version)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Any]]:
-        """n samples per prompt with the current adapter; [B][n] Generations."""
+        """n samples per prompt with the current adapter; [B][n] Generations. With release_memory
+        the KV cache is mapped back first and freed again after."""
         from vllm import SamplingParams
 
         kwargs = sampling_kwargs(self.cfg)
         params = [SamplingParams(n=n, seed=request_seed(seed, b, n), **kwargs) for b in range(len(prompt_ids))]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=self.lora_request, use_tqdm=False
-        )
+        self._timed("time/rollout_wake", self.llm.wake_up)
+        try:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=self.lora_request, use_tqdm=False
+            )
+        finally:
+            self._timed("time/rollout_sleep", self.llm.sleep)
         return [[to_generation(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+
+    def _timed(self, name: str, call: Any) -> None:
+        """Run a sleep-mode call when the engine releases memory, and keep its duration for the metrics."""
+        if self.release_memory:
+            start = time.perf_counter()
+            call()
+            self.timings[name] = time.perf_counter() - start
 
     def close(self) -> None:
         """Shut the engine down now (also done when the backend is collected or at exit)."""

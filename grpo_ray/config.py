@@ -79,7 +79,9 @@ class RolloutConfig:
     long_prompts: str = "truncate"  # longer prompts: truncate (from the left, counted) | drop (at load, counted)
     max_completion_length: int = 256
     stop: list[str] = field(default_factory=list)
-    gpu_memory_utilization: float = 0.3  # vllm only
+    gpu_memory_utilization: float = 0.3  # vllm only: the engine's share of the GPU (weights, KV cache, activations)
+    # vllm, cluster=single_gpu: the engine frees its KV cache while the learner trains and takes it back to generate
+    release_memory: bool = True
     enforce_eager: bool = False  # vllm only
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -119,13 +121,23 @@ class TrainerConfig:
     warmup_ratio: float = 0.0
     seed: int = 0
     async_steps: int = 0  # 0: strictly on-policy; 1: rollout may run one step ahead
-    gradient_checkpointing: str = "off"  # off | on | offload
+    # off | on (recompute each decoder layer in backward, keeping its input) | offload (as on, with the
+    # inputs parked in pinned host memory: activation memory no longer grows with the layers)
+    gradient_checkpointing: str = "off"
+    # Micro-batches by padded token count (rows × longest prompt + completion) instead of
+    # per_device_train_batch_size completions; a longer sequence goes alone. 0: off.
+    max_tokens_per_microbatch: int = 0
+    # Concatenate a micro-batch's sequences into one row, positions restarting: no padding.
+    # Needs attention that separates them (sdpa, eager, flash_attention_2/3, flex_attention).
+    padding_free: bool = False
     save_steps: int = 0  # checkpoint every N steps (and on SIGTERM/SIGINT); 0: only then
     save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
     max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
     max_recoveries: int = 3  # actor faults tolerated in a row before the run stops with the cause
-    # First step: mean |learner logp - sampling logp| above this means the engine has other weights.
+    # First step (and every sync_check_interval steps; 0: only the first): mean |learner logp -
+    # sampling logp| above sync_check_tolerance means the engine samples from other weights.
     sync_check_tolerance: float = 0.1
+    sync_check_interval: int = 0
 
 
 @dataclass
@@ -145,6 +157,10 @@ class ClusterConfig:
     rollout_cpus: float = 1.0  # Ray CPUs reserved for the rollout actor
     learner_cpus: float = 1.0  # Ray CPUs reserved for the learner actor
     cpu_threads: int = 0  # torch threads per actor on CPU; 0: all cores of the node
+    # How the adapter reaches the rollout each step: auto | object_store | cuda_ipc | nccl.
+    # auto: cuda_ipc for vllm colocated (one copy of the base weights), nccl for vllm split, else object_store.
+    weight_sync: str = "auto"
+    nccl_bucket_mb: int = 256  # nccl: adapter bytes per broadcast
 
 
 @dataclass
@@ -204,6 +220,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.kernel": ("auto", "triton", "reference"),
     "trainer.gradient_checkpointing": ("off", "on", "offload"),
     "cluster.placement": ("cpu", "colocate", "split"),
+    "cluster.weight_sync": ("auto", "object_store", "cuda_ipc", "nccl"),
 }
 
 _SCHEMA_NAME = "grpo_ray_schema"
@@ -251,8 +268,48 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.temperature must be > 0 (got {cfg.rollout.temperature}); GRPO needs sampling")
     if cfg.loss.beta < 0:
         raise ConfigError(f"loss.beta must be >= 0, got {cfg.loss.beta}")
+    if cfg.trainer.max_tokens_per_microbatch < 0:
+        raise ConfigError(
+            f"trainer.max_tokens_per_microbatch must be >= 0 (0: micro-batches of per_device_train_batch_size "
+            f"completions), got {cfg.trainer.max_tokens_per_microbatch}"
+        )
     if cfg.trainer.async_steps not in (0, 1):
         raise ConfigError(f"trainer.async_steps must be 0 or 1, got {cfg.trainer.async_steps}")
+    _validate_placement(cfg)
+
+
+def _validate_placement(cfg: DictConfig) -> None:
+    """Weight-sync paths need their placement and backend; colocation runs generation and training in turns."""
+    sync, placement, backend = cfg.cluster.weight_sync, cfg.cluster.placement, cfg.rollout.backend
+    needs = {"cuda_ipc": ("colocate", "cluster=single_gpu"), "nccl": ("split", "cluster=split")}
+    if sync in needs and (placement != needs[sync][0] or backend != "vllm"):
+        raise ConfigError(
+            f"cluster.weight_sync={sync} needs rollout=vllm and {needs[sync][1]} (cluster.placement={needs[sync][0]}); "
+            f"got rollout.backend={backend}, cluster.placement={placement}. Use cluster.weight_sync=auto"
+        )
+    if weight_sync_path(cfg) == "cuda_ipc" and cfg.model.quantization != "none":
+        raise ConfigError(
+            f"model.quantization={cfg.model.quantization} with a shared base (cluster=single_gpu, rollout=vllm) is "
+            "not built yet: set cluster.weight_sync=object_store (the learner loads its own 4-bit copy)"
+        )
+    if placement == "colocate" and backend == "vllm" and cfg.rollout.release_memory and cfg.trainer.async_steps:
+        raise ConfigError(
+            "trainer.async_steps=1 would generate while the learner trains, but with cluster=single_gpu the engine "
+            "frees its KV cache during training (rollout.release_memory=true): set trainer.async_steps=0, or "
+            "rollout.release_memory=false to keep both in memory and overlap them"
+        )
+    if cfg.trainer.sync_check_interval < 0:
+        raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")
+
+
+def weight_sync_path(cfg: DictConfig) -> str:
+    """cluster.weight_sync with `auto` resolved: vllm colocated -> cuda_ipc, vllm split -> nccl, else object_store."""
+    choice, placement = cfg.cluster.weight_sync, cfg.cluster.placement
+    if choice != "auto":
+        return choice
+    if cfg.rollout.backend == "vllm" and placement in ("colocate", "split"):
+        return "cuda_ipc" if placement == "colocate" else "nccl"
+    return "object_store"
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -9,9 +9,10 @@ import torch
 
 # What reduces memory in each phase, in the order worth trying.
 MEMORY_KNOBS = {
-    "learner": ("trainer.per_device_train_batch_size (raise trainer.gradient_accumulation_steps to keep the batch)",
-                "rollout.max_completion_length", "rollout.max_prompt_length", "trainer.gradient_checkpointing=on",
-                "model.quantization=nf4", "loss.kernel=triton (on CUDA)"),
+    "learner": ("trainer.max_tokens_per_microbatch, or trainer.per_device_train_batch_size (raise "
+                "trainer.gradient_accumulation_steps to keep the batch)", "trainer.gradient_checkpointing=offload",
+                "model.quantization=nf4", "loss.kernel=triton (on CUDA)", "rollout.max_completion_length",
+                "rollout.max_prompt_length"),
     "rollout": ("rollout.num_generations or fewer prompts per step", "rollout.max_completion_length",
                 "rollout.gpu_memory_utilization (vllm)", "rollout.max_prompt_length"),
 }  # fmt: skip

@@ -8,6 +8,7 @@ folder (`$GRPO_RAY_CACHE`, default `~/.cache/grpo_ray`) and loaded from there af
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -79,17 +80,37 @@ def _convert_gguf(name: str, target: Path) -> None:
         tmp.rename(target)
 
 
-def check_model(path: str, model_cfg: Any) -> None:
-    """Fail before any actor starts when `path` has no loadable model config (typo, no access, offline)."""
+def check_model(path: str, model_cfg: Any, rollout_cfg: Any) -> None:
+    """Fail before any actor starts when `path` has no loadable model config (typo, no access, offline),
+    or when the longest sequence the rollout can make (prompt + completion) exceeds the model's window."""
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"could not load model.name_or_path={path!r}: {str(e).splitlines()[0]} Give a hub id (with network "
             "access), a local folder with config.json and weights, or builtin:smollm2-135m-instruct."
         ) from e
+    check_context_length(config, rollout_cfg.max_prompt_length, rollout_cfg.max_completion_length)
+
+
+def check_context_length(config: Any, max_prompt_length: int | None, max_completion_length: int) -> None:
+    """rollout.max_prompt_length + rollout.max_completion_length must fit the model's position window
+    (`max_position_embeddings`, which already includes any RoPE scaling: 131072 for Llama-3.1-8B);
+    past it the positions are ones the model never learned, and nothing fails loudly later."""
+    window = getattr(config.get_text_config(), "max_position_embeddings", None)
+    longest = (max_prompt_length or 0) + max_completion_length
+    if window is None or longest <= window:
+        return
+    prompt = (
+        f"rollout.max_prompt_length={max_prompt_length} + " if max_prompt_length is not None
+        else "rollout.max_prompt_length=null (prompts are not cut; the check counts 0 for them) + "
+    )  # fmt: skip
+    raise ModelLoadError(
+        f"{prompt}rollout.max_completion_length={max_completion_length} = {longest} tokens per sequence exceeds the "
+        f"model's context window, max_position_embeddings={window}: lower them so that their sum is at most {window}"
+    )
 
 
 def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -114,15 +135,27 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(model_cfg: Any, path: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A causal LM from `path` (hub id or folder) in model.dtype on `device`, in train mode off."""
+    """A causal LM from `path` (hub id or folder) in model.dtype on `device`, in train mode off.
+
+    model.quantization=nf4 loads the linear layers of the decoder as bitsandbytes 4-bit NF4 with
+    double quantization, computing in model.dtype (bf16 with `auto` on CUDA): QLoRA once add_lora
+    wraps them. Embeddings, norms and lm_head stay in model.dtype. peft's
+    prepare_model_for_kbit_training is deliberately not called: it casts every parameter that is
+    not 4-bit to fp32 (+2 GB each for an 8B model's embeddings and lm_head, and a head the loss
+    kernel would then read in fp32), and the rest of what it does, freezing the base and setting
+    up checkpointing, add_lora and grpo_ray.checkpointing already do.
+    """
     from transformers import AutoModelForCausalLM
 
+    dtype = torch_dtype(model_cfg.dtype, device)
+    placement = _quantization_kwargs(model_cfg.quantization, device, dtype)  # before any model work
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model_cfg.revision,
-            dtype=torch_dtype(model_cfg.dtype, device),
+            dtype=dtype,
             trust_remote_code=model_cfg.trust_remote_code,
+            **placement,
             **dict(model_cfg.init_kwargs or {}),
         )
     except (OSError, ValueError, TypeError) as e:
@@ -130,7 +163,38 @@ def load_model(model_cfg: Any, path: str, device: torch.device | str = "cpu") ->
             f"could not load model.name_or_path={path!r}: {e}. Give a hub id, a local folder with "
             "config.json and weights, or builtin:smollm2-135m-instruct."
         ) from e
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
+
+
+def _quantization_kwargs(quantization: str, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained keyword arguments for model.quantization: none -> {}; nf4 -> a BitsAndBytesConfig
+    and the device to quantize on (bitsandbytes quantizes while loading, on the GPU).
+
+    Raises ModelLoadError naming the setting and the install when there is no CUDA device or no bitsandbytes.
+    """
+    if quantization == "none":
+        return {}
+    device = torch.device(device)
+    missing = []
+    if device.type != "cuda" or not torch.cuda.is_available():
+        missing.append(f"a CUDA device (this process runs on {device})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if missing:
+        raise ModelLoadError(
+            f"model.quantization={quantization} (QLoRA) needs {' and '.join(missing)}: run on a CUDA host with the "
+            "GPU extras installed (pip install -e .[gpu]), or set model.quantization=none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": config, "device_map": {"": index}}
 
 
 def add_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:

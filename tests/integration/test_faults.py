@@ -88,8 +88,9 @@ def test_killed_rollout_actor_is_restarted_resynced_and_the_step_retried(ray_loc
 
 
 def test_killed_learner_resumes_from_last_checkpoint(ray_local, tiny_model_dir, tmp_path):
+    # six optimizer passes per step: a train_step long enough for the killer's 50 ms polls to catch it
     cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, "trainer.max_steps=4", "trainer.save_steps=1",
-                                     "rollout.max_completion_length=48"))  # fmt: skip
+                                     "rollout.max_completion_length=48", "trainer.num_iterations=6"))  # fmt: skip
     run_dir, killed = run_with_kill(cfg, "LearnerActor.train_step", min_step=2)
     assert killed, "the learner was never caught training"
     records = read_metrics(run_dir)

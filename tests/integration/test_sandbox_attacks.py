@@ -9,14 +9,19 @@ world). Needs bubblewrap (`.ci/run` installs it).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from grpo_ray import sandbox
-from grpo_ray.sandbox import run_tests
+from grpo_ray.sandbox import run_tests, runner
+from grpo_ray.sandbox.zygote import ZygotePool
 
+ADD = "def add(a, b):\n    return a + b\n"
 LIMITS = {"timeout_s": 1.0, "memory_mb": 256}
 ANY_OUTPUT = [{"stdin": "", "stdout": "<never printed>"}]
 CONTAINED_FAILURES = {"RE", "TLE", "MLE", "OLE", "WA"}
@@ -90,17 +95,9 @@ def test_host_secrets_are_out_of_reach(monkeypatch):
     assert "['HOME', 'LANG', 'PATH', 'PWD'] 65534 65534" in output
 
 
-def _stdout(code: str) -> str:
+def _stdout(code: str, stdin: str = "") -> str:
     """The program's whole stdout, from the harness's report (verdicts keep only a prefix)."""
-    from grpo_ray.sandbox import runner
-
-    results, why = runner._run_sandbox(
-        {"code": code, "tests": [{"kind": "script", "stdin": ""}], "timeout_s": 2, "memory_mb": 256, "output_limit": 1 << 20,
-         "nproc": runner.NPROC_LIMIT, "nofile": runner.NOFILE_LIMIT, "fsize": runner.FSIZE_LIMIT},
-        30.0,
-    )  # fmt: skip
-    assert results is not None, why
-    return results[0]["stdout"]
+    return runner.run_job(runner.job_request(code, [{"kind": "script", "stdin": stdin}], timeout_s=2, memory_mb=256))[0]["stdout"]
 
 
 def test_writes_outside_the_scratch_dirs_fail_and_nothing_reaches_the_host(tmp_path):
@@ -234,6 +231,165 @@ def test_segfault_and_deep_recursion_are_contained():
 def test_correct_solutions_still_pass_after_attacks():
     code = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))"
     assert statuses(code, [{"stdin": "2 3", "stdout": "5"}, {"assert": "assert add(2, 3) == 5"}]) == ["AC", "AC"]
+
+
+def test_the_job_process_cannot_be_killed_stopped_or_limited():
+    code = (
+        "import fcntl, os, resource, signal, socket, struct\n"
+        "job = os.getppid()\n"
+        "a, b = socket.socketpair()\n"
+        "def attempt(call):\n"
+        "    try:\n        call()\n        return 'DONE'\n"
+        "    except OSError as e:\n        return os.strerror(e.errno)\n"
+        "print(*[attempt(call) for call in (\n"
+        "    lambda: os.kill(job, signal.SIGKILL), lambda: os.kill(job, signal.SIGSTOP),\n"
+        "    lambda: os.kill(-job, signal.SIGKILL), lambda: os.kill(-1, signal.SIGKILL), lambda: os.pidfd_open(job),\n"
+        "    lambda: resource.prlimit(job, resource.RLIMIT_NOFILE, (0, 0)),\n"
+        "    lambda: resource.prlimit(1, resource.RLIMIT_CPU, (1, 1)),\n"
+        "    lambda: os.setpriority(os.PRIO_PROCESS, 1, 19), lambda: os.setpriority(os.PRIO_USER, 0, 19),\n"
+        "    lambda: os.sched_setaffinity(1, {0}), lambda: os.sched_setscheduler(job, os.SCHED_IDLE, os.sched_param(0)),\n"
+        "    lambda: signal.pidfd_send_signal(os.open(f'/proc/{job}', os.O_RDONLY), signal.SIGKILL),\n"
+        "    lambda: fcntl.fcntl(a, fcntl.F_SETOWN, job),\n"  # the kernel would signal the owner on I/O
+        "    lambda: fcntl.ioctl(a, 0x8901, struct.pack('i', job)),\n"  # FIOSETOWN
+        ")], sep='\\n')\n"
+    )
+    expected = "\n".join(["Operation not permitted"] * 14)
+    assert statuses(code, [{"stdin": "", "stdout": expected}, {"stdin": "", "stdout": expected}]) == ["AC", "AC"]
+
+
+def test_ipc_that_outlives_its_processes_is_refused():
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for call in (lambda: libc.shmget(0, 4096, 0o1600), lambda: libc.semget(0, 1, 0o1600), lambda: libc.msgget(0, 0o1600)):\n"
+        "    print(call(), ctypes.get_errno())\n"
+    )
+    assert statuses(code, [{"stdin": "", "stdout": "-1 1\n-1 1\n-1 1"}]) == ["AC"]
+
+
+# --- one job cannot see or touch the next: the sandbox is reused ----------------------------------
+
+# What the next job sees in a sandbox that was reused: only the zygote, its job process and
+# itself; the three scratch dirs empty, mode 0755, no extended attribute, no block in use.
+PRISTINE_PROBE = (
+    "import os\n"
+    "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+    "print('processes', pids == sorted({1, os.getppid(), os.getpid()}))\n"
+    "for d in ('/tmp', '/sandbox', '/dev/shm'):\n"
+    "    st, vfs = os.stat(d), os.statvfs(d)\n"
+    "    print(d, os.listdir(d), oct(st.st_mode & 0o7777), os.listxattr(d), vfs.f_bfree == vfs.f_blocks)\n"
+)
+PRISTINE = "processes True\n" + "\n".join(f"{d} [] 0o755 [] True" for d in ("/tmp", "/sandbox", "/dev/shm"))
+LEFTOVERS = {
+    "files, links, modes and attributes": (
+        "import os\n"
+        "for d in ('/tmp', '/sandbox', '/dev/shm'):\n"
+        "    os.makedirs(d + '/a/b/c')\n    open(d + '/a/b/c/f', 'w').write('x' * 5000)\n"
+        "    os.symlink('/usr', d + '/link')\n    os.mkfifo(d + '/fifo')\n    os.chmod(d + '/a/b', 0)\n"
+        "    os.setxattr(d, 'user.leak', b'1')\n    os.chmod(d, 0)\n"
+    ),
+    "a tree deeper than PATH_MAX": (
+        "import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
+        "open('f', 'w').write('bottom')\n"
+    ),
+    "full scratch dirs": (
+        "import os\nfor d in ('/tmp', '/sandbox', '/dev/shm'):\n"
+        "    try:\n        for i in range(100):\n            open(f'{d}/f{i}', 'wb').write(b'x' * (4 << 20))\n"
+        "    except OSError:\n        pass\n"
+    ),
+    "daemons": (
+        "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n"
+        "        if os.fork() == 0:\n            time.sleep(0.3)\n            open('/tmp/late', 'w').write('x')\n"
+        "        os._exit(0)\n"
+    ),
+    "killing every process it sees, itself last": (
+        "import os\nfor pid in sorted((int(p) for p in os.listdir('/proc') if p.isdigit()), key=lambda p: p == os.getpid()):\n"
+        "    for sig in (9, 19):\n        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One warm sandbox (started here), so that consecutive jobs share it."""
+    pool = ZygotePool(1)
+    pool.run(runner.job_request("", [], timeout_s=1, memory_mb=64), 30.0)
+    yield pool
+    pool.close()
+
+
+def _report(pool: ZygotePool, code: str, stdin: str = "") -> dict:
+    """The harness's report of `code` run once as a script and once as the code of an "exec"
+    test (next to the test process), then the first report."""
+    specs = [{"kind": "script", "stdin": stdin}, {"kind": "exec", "stmt": "assert True"}]
+    return pool.run(runner.job_request(code, specs, timeout_s=2, memory_mb=512), 30.0)[0]
+
+
+@pytest.mark.parametrize("attack", LEFTOVERS.values(), ids=LEFTOVERS.keys())
+def test_nothing_of_a_job_is_left_for_the_next(pool, attack):
+    started = pool.started
+    _report(pool, attack)
+    time.sleep(0.4)  # a daemon that survived would have written /tmp/late by now
+    assert _report(pool, PRISTINE_PROBE)["stdout"].strip() == PRISTINE
+    assert pool.started == started  # the same sandbox, cleaned, not a fresh one
+
+
+def test_the_memory_of_a_job_is_not_inherited_by_the_next(pool):
+    """The previous job's code, input and output are nowhere in the next job's memory. The
+    secrets are searched as two halves, so that the search itself never holds the whole."""
+    previous, current = ("zz" + uuid.uuid4().hex for _ in range(2))
+    _report(pool, f"SECRET = {previous!r}\nprint(SECRET * 3)", stdin=previous * 100)
+    scan = (
+        "import ctypes, sys\n"
+        "def found(head, tail):\n"
+        "    for line in open('/proc/self/maps').read().splitlines():\n"
+        "        addresses, perms = line.split()[:2]\n"
+        "        if not perms.startswith('r') or 'vvar' in line:\n            continue\n"
+        "        start, end = (int(x, 16) for x in addresses.split('-'))\n"
+        "        data = ctypes.string_at(start, end - start)\n"
+        "        i = data.find(head)\n"
+        "        while i >= 0:\n"
+        "            if data[i + len(head):i + len(head) + len(tail)] == tail:\n                return True\n"
+        "            i = data.find(head, i + 1)\n"
+        "    return False\n"
+        "own_input = sys.stdin.read()\n"
+        f"print(found({previous[:10].encode()!r}, {previous[10:].encode()!r}), found({current[:10].encode()!r}, {current[10:].encode()!r}))\n"
+    )
+    assert _report(pool, scan, stdin=current)["stdout"] == "False True\n"  # True: the search works
+
+
+def _kill_sandboxes() -> None:
+    """SIGKILL every bubblewrap this process started (its warm sandboxes), and wait until each is dead."""
+    killed = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+        except OSError:
+            continue
+        comm, fields = rest.rsplit(")", 1)
+        if comm == "(bwrap" and int(fields.split()[1]) == os.getpid():
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(stat)
+    assert killed, "no sandbox to kill"
+    while any(s.exists() and s.read_text().rsplit(")", 1)[1].split()[0] != "Z" for s in killed):
+        time.sleep(0.01)
+
+
+def test_a_sandbox_that_died_between_jobs_is_replaced_unnoticed():
+    assert statuses(ADD, [{"assert": "assert add(1, 2) == 3"}]) == ["AC"]
+    _kill_sandboxes()
+    assert statuses(ADD, [{"assert": "assert add(1, 2) == 3"}]) == ["AC"]
+
+
+def test_a_sandbox_that_dies_during_a_job_is_infra_never_the_models_fault():
+    slow = ADD + "import time\ntime.sleep(3)\n"
+    verdicts = []
+    job = threading.Thread(target=lambda: verdicts.extend(run_tests(slow, [{"assert": "assert add(1, 2) == 3"}] * 2, timeout_s=5, memory_mb=256)))
+    job.start()
+    time.sleep(1.0)  # the job is running (it sleeps 3 s)
+    _kill_sandboxes()
+    job.join()
+    assert [v.status for v in verdicts] == ["INFRA", "INFRA"] and "sandbox" in verdicts[0].detail
+    assert statuses(ADD, [{"assert": "assert add(1, 2) == 3"}]) == ["AC"]  # a new one took over
 
 
 def test_a_ray_reward_actor_runs_one_sandbox_at_a_time(ray_local):

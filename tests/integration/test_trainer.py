@@ -120,8 +120,35 @@ def test_first_step_sync_check_catches_engine_on_other_weights(tiny_model_dir, t
                 p.normal_(0, 2.0)
     from grpo_ray.actors.learner import SyncCheckError
 
-    with pytest.raises(SyncCheckError, match=r"mean \|learner logp - sampling logp\| = .* at learner version 0"):
+    with pytest.raises(SyncCheckError, match=r"mean \|learner logp - sampling logp\| = .* learner at weight version 0 "
+                                             r"and the rollout made by version 0 exceeds"):
         learner.train_step(scored)
+
+
+@pytest.mark.parametrize("interval, caught", [(0, False), (2, True)])
+def test_sync_check_repeats_every_interval_steps(tiny_model_dir, tmp_path, interval, caught):
+    # Two good steps, then the engine falls behind (here: the learner's adapter jumps away from
+    # what sampled the rollout). Only a check at step 3 (interval 2) sees it.
+    cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, f"trainer.sync_check_interval={interval}",
+                                     "trainer.lr=0"))  # fmt: skip
+    rollout = RolloutActor(cfg, str(tiny_model_dir)).generate(ROWS, 0)
+    scored = combine_scores(rollout, [score_rollout(rollout, [vowel_reward], None)], ["vowel"], None, "group")
+    learner = LearnerActor(cfg, str(tiny_model_dir))
+    for version in (0, 1):
+        rollout.version = version
+        learner.train_step(scored)
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)
+    rollout.version = 2
+    from grpo_ray.actors.learner import SyncCheckError
+
+    if caught:
+        with pytest.raises(SyncCheckError, match="learner at weight version 2 and the rollout made by version 2"):
+            learner.train_step(scored)
+    else:
+        assert learner.train_step(scored).version == 3
 
 
 def test_kl_penalty_and_several_iterations_per_rollout(ray_local, tiny_model_dir, tmp_path):

@@ -81,6 +81,8 @@ def test_cross_field_rules():
         load_config(["rollout.num_generations=3"])
     with pytest.raises(ConfigError, match="reward_weights has 3 values but task.reward_funcs has 2"):
         load_config(["task.reward_weights=[1,2,3]"])
+    with pytest.raises(ConfigError, match="trainer.max_tokens_per_microbatch must be >= 0"):
+        load_config(["trainer.max_tokens_per_microbatch=-1"])
 
 
 def test_resolved_yaml_round_trips():

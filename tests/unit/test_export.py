@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from grpo_ray.cli import main
 from grpo_ray.config import load_config, to_yaml
@@ -19,7 +20,8 @@ def make_run(model_dir, run_dir, *overrides: str):
     cfg = load_config([f"model.name_or_path={model_dir}", "model.lora.r=4", "model.lora.alpha=8", *overrides])
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    model = add_lora(load_model(cfg.model, str(model_dir)), cfg.model.lora)
+    # the adapter comes from the unquantized base: a CPU cannot load a 4-bit one (export refuses QLoRA on the config)
+    model = add_lora(load_model(OmegaConf.merge(cfg.model, {"quantization": "none"}), str(model_dir)), cfg.model.lora)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:

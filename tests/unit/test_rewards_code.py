@@ -1,11 +1,12 @@
 """grpo_ray.rewards.code: code extraction, the three rewards, HumanEval's tests, and the task.
 
 The HumanEval sweep runs all 164 canonical solutions (AC) and a corrupted copy of each (not
-AC) in the sandbox: ~20 s on 2 cores, two sandboxes at a time. Needs bubblewrap.
+AC) in the sandbox: ~5 s on 2 cores, two warm sandboxes at a time. Needs bubblewrap.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +23,7 @@ from grpo_ray.rewards.code import (
     humaneval_tests,
     pass_fraction_reward,
 )
-from grpo_ray.sandbox import Verdict, run_tests
+from grpo_ray.sandbox import Verdict, needs_sandbox, run_tests
 
 ADD_TESTS = [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-1, 1) == 0"}]
 RIGHT = "Here:\n```python\ndef add(a, b):\n    return a + b\n```\n"
@@ -89,6 +90,12 @@ def test_one_sandbox_run_serves_both_rewards(monkeypatch):
     all_pass_reward(["p"], [RIGHT], tests=[ADD_TESTS])
     assert len(calls) == 1
     code_rewards._run_cached.cache_clear()
+
+
+def test_rewards_that_run_code_are_marked_as_needing_the_sandbox():
+    assert needs_sandbox(pass_fraction_reward) and needs_sandbox(all_pass_reward)
+    assert needs_sandbox(functools.partial(all_pass_reward, timeout_s=1))
+    assert not needs_sandbox(code_format_reward)  # parses, runs nothing: no actor check needed
 
 
 @pytest.mark.parametrize("name", ["pass_fraction_reward", "all_pass_reward", "code_format_reward"])

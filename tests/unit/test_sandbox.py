@@ -1,8 +1,12 @@
-"""grpo_ray.sandbox: plain-data encoding, test splitting, verdicts, limits on parallel jobs, and the
-runner on right, wrong and slow programs (needs bubblewrap: `.ci/run` installs it)."""
+"""grpo_ray.sandbox: plain-data encoding, test splitting, verdicts, the pool of warm sandboxes, the
+guard filter, the scratch wipe, and the runner on right, wrong and slow programs (needs
+bubblewrap: `.ci/run` installs it)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import signal
 import sys
 import threading
@@ -12,9 +16,9 @@ import types
 import pytest
 
 from grpo_ray import sandbox
-from grpo_ray.sandbox import SandboxUnavailable, Verdict, run_tests
-from grpo_ray.sandbox import harness, runner
-from grpo_ray.sandbox.seccomp import filter_program
+from grpo_ray.sandbox import SandboxUnavailable, Verdict, harness, run_tests, runner
+from grpo_ray.sandbox.seccomp import filter_program, native_arch, syscall_numbers
+from grpo_ray.sandbox.zygote import SandboxFailure, ZygotePool
 
 ADD = "def add(a, b):\n    return a + b\n"
 SUM_SCRIPT = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -134,7 +138,7 @@ def test_values_are_compared_outside(record, status):
 
 
 def test_install_hint_when_bubblewrap_is_missing(monkeypatch):
-    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
+    monkeypatch.setenv("GRPO_RAY_BWRAP", "/nonexistent/bwrap")
     monkeypatch.setattr(runner, "_availability_result", [])
     with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
         run_tests(ADD, [{"assert": "assert add(1, 2) == 3"}], timeout_s=1, memory_mb=64)
@@ -155,28 +159,142 @@ def test_parallel_jobs_follow_env_then_ray_then_affinity(monkeypatch):
     assert sandbox.max_parallel() == 1  # a RewardActor(num_cpus=1): one sandbox at a time
 
 
-def test_jobs_beyond_max_parallel_wait_their_turn(monkeypatch):
-    monkeypatch.setenv("GRPO_RAY_SANDBOX_JOBS", "2")
-    monkeypatch.setattr(runner, "_slot_state", {})
-    monkeypatch.setattr(runner, "_availability_result", [""])
-    running, peak, lock = [0], [0], threading.Lock()
+class FakeZygote:
+    """A zygote without a sandbox: each job sleeps `job_s`; `fail_ready` / `fail_run` make the
+    wait_ready calls / runs with those numbers (1-based) raise SandboxFailure."""
 
-    def fake_sandbox(request, deadline_s):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return [_result(stdout="3")], ""
+    running = peak = 0
+    lock = threading.Lock()
 
-    monkeypatch.setattr(runner, "_run_sandbox", fake_sandbox)
-    threads = [threading.Thread(target=run_tests, args=("", [{"stdin": "", "stdout": "3"}]), kwargs={"timeout_s": 1, "memory_mb": 64}) for _ in range(8)]
+    def __init__(self, job_s=0.0, fail_ready=(), fail_run=()):
+        self.job_s, self.fail_ready, self.fail_run = job_s, fail_ready, fail_run
+        self.readies = self.runs = 0
+        self.closed = False
+
+    def wait_ready(self, deadline):
+        self.readies += 1
+        if self.readies in self.fail_ready:
+            raise SandboxFailure("could not empty its scratch dirs")
+
+    def run(self, request, deadline):
+        self.runs += 1
+        with FakeZygote.lock:
+            FakeZygote.running += 1
+            FakeZygote.peak = max(FakeZygote.peak, FakeZygote.running)
+        time.sleep(self.job_s)
+        with FakeZygote.lock:
+            FakeZygote.running -= 1
+        if self.runs in self.fail_run:
+            raise SandboxFailure("died")
+        return [{"request": request}]
+
+    def close(self):
+        self.closed = True
+
+
+def test_jobs_beyond_the_pool_size_wait_their_turn(monkeypatch):
+    monkeypatch.setattr(FakeZygote, "peak", 0)
+    pool = ZygotePool(2, factory=lambda: FakeZygote(job_s=0.05))
+    threads = [threading.Thread(target=pool.run, args=({"tests": []}, 5.0)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert peak[0] == 2
+    assert FakeZygote.peak == 2 and pool.started == 2  # two at a time, each zygote reused
+
+
+def test_a_zygote_that_failed_a_job_is_closed_and_replaced():
+    made = []
+    pool = ZygotePool(1, factory=lambda: made.append(FakeZygote(fail_run=(2,))) or made[-1])
+    assert pool.run({"job": 1}, 5.0) == [{"request": {"job": 1}}]
+    with pytest.raises(SandboxFailure, match="died"):
+        pool.run({"job": 2}, 5.0)
+    assert pool.run({"job": 3}, 5.0) == [{"request": {"job": 3}}]
+    assert [z.closed for z in made] == [True, False] and pool.started == 2
+
+
+def test_a_zygote_that_cannot_clean_up_is_replaced_before_the_job():
+    made = []
+    pool = ZygotePool(1, factory=lambda: made.append(FakeZygote(fail_ready=(2,))) or made[-1])
+    pool.run({"job": 1}, 5.0)
+    assert pool.run({"job": 2}, 5.0) == [{"request": {"job": 2}}]  # on a new zygote, not INFRA
+    assert [(z.closed, z.runs) for z in made] == [(True, 1), (False, 1)]
+
+
+def _errno_of(call) -> str:
+    try:
+        call()
+    except OSError as error:
+        return errno.errorcode[error.errno]
+    return "ok"
+
+
+def test_guard_refuses_what_a_child_could_do_to_the_zygote_or_its_job_process():
+    protected = os.getpid()  # stands for the job process: the forked child below is its "test"
+
+    def attempts() -> str:
+        return " ".join(_errno_of(call) for call in (
+            lambda: os.kill(protected, 0),
+            lambda: os.kill(-protected, 0),
+            lambda: os.kill(-1, 0),
+            lambda: resource.prlimit(protected, resource.RLIMIT_NOFILE),
+            lambda: os.sched_setaffinity(protected, os.sched_getaffinity(0)),
+            lambda: os.setpriority(os.PRIO_PROCESS, protected, 0),
+            lambda: os.setpriority(os.PRIO_USER, 0, 0),
+            lambda: os.pidfd_open(protected),
+            lambda: os.kill(os.getpid(), 0),  # itself: allowed
+            lambda: resource.prlimit(0, resource.RLIMIT_NOFILE),
+            lambda: os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0)),
+        ))  # fmt: skip
+
+    numbers = syscall_numbers(harness.GUARDED_SYSCALLS)
+    assert set(numbers) == set(harness.GUARDED_SYSCALLS)
+    guard = harness.Guard(harness.guard_program(native_arch(), numbers, (1, protected)))
+    assert _in_a_child(lambda: (guard.install(), attempts())[1]) == " ".join(["EPERM"] * 8 + ["ok"] * 3)
+
+
+def _in_a_child(body) -> str:
+    """What `body()` returns, run in a forked child (so that a filter it loads dies with it)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, body().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        text = answer.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_wipe_empties_deep_and_locked_trees_without_following_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fd = os.open(scratch, os.O_RDONLY)
+    for _ in range(3000):  # deeper than any recursion limit, and than PATH_MAX as a path
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.close(fd)
+    (scratch / "locked").mkdir()
+    (scratch / "locked" / "f").write_text("x")
+    (scratch / "locked").chmod(0)
+    (scratch / "link").symlink_to(outside)
+    (scratch / "dirlink").symlink_to(outside / "keep")
+    os.mkfifo(scratch / "fifo")
+    root = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        harness._empty(root)
+    finally:
+        os.close(root)
+    assert os.listdir(scratch) == [] and (outside / "keep").read_text() == "keep"
 
 
 # --- the sandbox itself ---------------------------------------------------------------------
@@ -244,3 +362,31 @@ def test_stop_on_timeout_skips_the_rest(available):
 def test_verdict_reports_time(available):
     verdict = run_tests("import time\ntime.sleep(0.2)", [{"stdin": "", "stdout": ""}], timeout_s=2, memory_mb=128)[0]
     assert verdict == Verdict("AC", verdict.time_s, "") and 0.2 <= verdict.time_s < 1.5
+
+
+def test_a_warm_sandbox_outlives_the_thread_that_started_it(available):
+    """bubblewrap's --die-with-parent follows the starting thread; reward calls run in short-lived threads."""
+    pool = ZygotePool(1)
+    request = runner.job_request(ADD, [{"kind": "eval", "expr": "add(1, 2)"}], timeout_s=2, memory_mb=128)
+    try:
+        thread = threading.Thread(target=pool.run, args=(request, 10.0))
+        thread.start()
+        thread.join()
+        time.sleep(0.2)  # PDEATHSIG would have killed it by now
+        assert pool.run(request, 10.0)[0]["record"] == {"value": 3}
+        assert pool.started == 1
+    finally:
+        pool.close()
+
+
+def test_a_harness_error_is_a_sandbox_failure_and_the_sandbox_is_replaced(available):
+    pool = ZygotePool(1)
+    request = runner.job_request(ADD, [{"kind": "eval", "expr": "add(1, 2)"}], timeout_s=2, memory_mb=128)
+    broken = {k: v for k, v in request.items() if k != "memory_mb"}
+    try:
+        with pytest.raises(SandboxFailure, match="(?s)harness failed.*KeyError: 'memory_mb'"):
+            pool.run(broken, 10.0)
+        assert pool.run(request, 10.0)[0]["record"] == {"value": 3}
+        assert pool.started == 2
+    finally:
+        pool.close()

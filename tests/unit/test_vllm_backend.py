@@ -110,14 +110,9 @@ class FakeEngine:
         self.manager = SimpleNamespace(modules=layers, packed_modules_mapping=PACKED, lora_index_to_id=[None, vb.LORA_ID])
         self.worker = type("Worker", (vb.LoRAWriterExtension,), {})()
         self.worker.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(_adapter_manager=self.manager))
-        self.resets = 0
 
     def collective_rpc(self, method, args=()):
         return [getattr(self.worker, method)(*args)]
-
-    def reset_prefix_cache(self):
-        self.resets += 1
-        return True
 
 
 def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
@@ -125,7 +120,8 @@ def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
     backend = object.__new__(vb.VLLMBackend)  # no engine start: only the write path
     layout = engine.collective_rpc("grpo_lora_layout")[0]
     backend.llm, backend.scale, backend.dtype, backend._plan = engine, 16 / 4, torch.bfloat16, None
-    backend.layout, backend.packed = layout["modules"], layout["packed"]
+    backend.layout, backend.packed, backend.adapter_dir = layout["modules"], layout["packed"], "unused"
+    backend._serve_version = lambda version: setattr(backend, "served", version)  # LoRARequest needs vllm
     tensors = peft_tensors(r=4)
     backend.load_adapter(AdapterWeights(version=1, tensors=tensors))
     layer = engine.manager.modules["model.layers.0.self_attn.qkv_proj"]
@@ -138,10 +134,10 @@ def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
         assert a[1, 0, 4:].count_nonzero() == 0 and b[1, 0, :, 4:].count_nonzero() == 0  # ranks above r stay 0
     down = engine.manager.modules["model.layers.0.mlp.down_proj"]
     a_down = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
-    assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and engine.resets == 1
-    # a second update replaces the values (same plan, no reload)
+    assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and backend.served == 1
+    # a second update replaces the values (same plan, no reload), served under the new version's name
     backend.load_adapter(AdapterWeights(version=2, tensors={k: -v for k, v in tensors.items()}))
-    assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (-a_k).bfloat16()) and engine.resets == 2
+    assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (-a_k).bfloat16()) and backend.served == 2
 
 
 def test_write_refuses_an_adapter_that_is_not_in_a_slot():
@@ -194,10 +190,26 @@ def test_rollout_actor_picks_the_vllm_backend(tiny_model_dir, monkeypatch):
     made = []
 
     class FakeBackend:
-        def __init__(self, cfg, model_path, tokenizer):
-            made.append((cfg.rollout.backend, model_path, tokenizer.eos_token))
+        def __init__(self, cfg, model_path, tokenizer, release_memory):
+            made.append((cfg.rollout.backend, model_path, tokenizer.eos_token, release_memory))
 
     monkeypatch.setattr(vb, "VLLMBackend", FakeBackend)
     cfg = load_config([f"model.name_or_path={tiny_model_dir}", "rollout=vllm"])
     actor = RolloutActor(cfg, str(tiny_model_dir))
-    assert isinstance(actor.backend, FakeBackend) and made == [("vllm", str(tiny_model_dir), "<|im_end|>")]
+    assert isinstance(actor.backend, FakeBackend) and made == [("vllm", str(tiny_model_dir), "<|im_end|>", False)]
+    # colocated with the learner, the engine frees its KV cache between generations (unless told not to)
+    RolloutActor(load_config([f"model.name_or_path={tiny_model_dir}", "rollout=vllm", "cluster=single_gpu"]), str(tiny_model_dir))
+    RolloutActor(load_config([f"model.name_or_path={tiny_model_dir}", "rollout=vllm", "cluster=single_gpu",
+                              "rollout.release_memory=false"]), str(tiny_model_dir))  # fmt: skip
+    assert [m[3] for m in made[1:]] == [True, False]
+
+
+def test_engine_args_follow_the_config_and_sleep_only_when_releasing_memory():
+    cfg = load_config(["rollout=vllm", "model.dtype=auto", "model.lora.r=12", "rollout.gpu_memory_utilization=0.2",
+                       "rollout.max_prompt_length=100", "rollout.max_completion_length=28", "trainer.seed=7"])  # fmt: skip
+    args = vb.engine_args(cfg, "/m", "/m/tok")
+    assert args["model"] == "/m" and args["tokenizer"] == "/m/tok" and args["dtype"] == "bfloat16"
+    assert args["max_lora_rank"] == 16 and args["max_loras"] == 1 and args["enable_lora"]
+    assert args["max_model_len"] == 128 and args["gpu_memory_utilization"] == 0.2 and args["seed"] == 7
+    assert args["logprobs_mode"] == "processed_logprobs" and args["distributed_executor_backend"] == "uni"
+    assert not args["enable_sleep_mode"] and vb.engine_args(cfg, "/m", "/m/tok", release_memory=True)["enable_sleep_mode"]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Colocated weight sync and memory: one GPU, CUDA IPC (one copy of the base) vs the object store (two).
+
+For each model shape and sync path, runs `grpo-ray cluster=single_gpu rollout=vllm` for a few
+steps on a random-weight model (scripts/random_model.py) with LoRA r=16 on all linear layers,
+and reports, side by side:
+- sync latency: the trainer's `time/sync` per step, from the learner's finished optimizer step
+  to the engine holding the new adapter (the next generate uses it), p50 / p95 over the steps;
+- memory: device memory used by all processes (nvidia-smi, sampled every 0.2 s through the
+  run, max), per process (max), and the learner's torch peak (`memory/learner_peak_gib`).
+Prints one JSON line per run, then a Markdown table.
+
+  python scripts/bench_sync.py --shapes qwen2.5-0.5b llama-3.1-8b --steps 30 --models /tmp/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_model import build  # noqa: E402
+
+from grpo_ray.metrics import read_metrics  # noqa: E402
+
+
+class GpuMemorySampler(threading.Thread):
+    """Max of nvidia-smi's device-wide and per-process used memory (MiB) while running."""
+
+    def __init__(self, period_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.period_s, self.total_mib, self.per_pid_mib = period_s, 0, {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            total = _smi(["--query-gpu=memory.used"])
+            self.total_mib = max([self.total_mib] + [int(x) for x in total if x])
+            for line in _smi(["--query-compute-apps=pid,used_memory"]):
+                if "," in line:
+                    pid, used = (x.strip() for x in line.split(","))
+                    self.per_pid_mib[pid] = max(self.per_pid_mib.get(pid, 0), int(used))
+            self.stop.wait(self.period_s)
+
+
+def _smi(query: list[str]) -> list[str]:
+    out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()
+
+
+def run(model_dir: Path, path: str, steps: int, out: Path, extra: list[str]) -> dict:
+    """One training run with `cluster.weight_sync=path`; its sync times and memory."""
+    overrides = [
+        f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm", "cluster=single_gpu",
+        f"cluster.weight_sync={path}", "task=arithmetic", f"trainer.max_steps={steps}", "rollout.num_generations=4",
+        "rollout.max_completion_length=16", "trainer.per_device_train_batch_size=16", "model.lora.r=16",
+        "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
+        f"logging.output_dir={out}", f"logging.run_name={path}", *extra,
+    ]  # fmt: skip
+    sampler = GpuMemorySampler()
+    sampler.start()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True)
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    records = read_metrics(out / path)
+    sync_ms = sorted(r["time/sync"] * 1e3 for r in records)
+    return {
+        "bench": "sync", "model": model_dir.name, "weight_sync": path, "steps": len(records), "wall_s": round(wall, 1),
+        "sync_ms_p50": round(statistics.median(sync_ms), 2),
+        "sync_ms_p95": round(sync_ms[min(len(sync_ms) - 1, round(0.95 * (len(sync_ms) - 1)))], 2),
+        "sync_ms_min": round(sync_ms[0], 2), "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
+        "gpu_used_gib_max": round(sampler.total_mib / 1024, 2),
+        "per_process_gib_max": sorted((round(v / 1024, 2) for v in sampler.per_pid_mib.values()), reverse=True),
+        "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
+        "sampling_logp_gap_max": round(max(r["sampling/sampling_logp_difference/max"] for r in records), 4),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"])
+    parser.add_argument("--paths", nargs="+", default=["cuda_ipc", "object_store"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "grpo_ray_models")
+    args, extra = parser.parse_known_args()
+    results = []
+    for shape in args.shapes:
+        model_dir = args.models / shape
+        if not (model_dir / "config.json").exists():
+            print(json.dumps({"built": build(shape, model_dir)}), flush=True)
+        for path in args.paths:
+            results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
+            print(json.dumps(results[-1]), flush=True)
+    print("\n| model | weight_sync | sync p50 / p95 ms | step p50 s | GPU used max GiB | per process GiB | learner peak GiB |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for r in results:
+        print(f"| {r['model']} | {r['weight_sync']} | {r['sync_ms_p50']} / {r['sync_ms_p95']} | {r['step_s_p50']} | "
+              f"{r['gpu_used_gib_max']} | {r['per_process_gib_max']} | {r['learner_peak_gib']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

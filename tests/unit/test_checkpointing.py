@@ -1,0 +1,121 @@
+"""grpo_ray.checkpointing on CPU: off / on / offload give the same loss and LoRA gradients, and
+offload keeps no layer input alive in the autograd graph (the host copies stand in for them)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo_ray.checkpointing import MODES, apply_gradient_checkpointing, decoder_layers
+from grpo_ray.models import add_lora
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def base_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+
+
+def _lora_model(config, mode: str) -> torch.nn.Module:
+    """The same random Llama and LoRA (B non-zero, so A gets gradients too) for every mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(config), SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]))
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.train()
+    apply_gradient_checkpointing(model, mode)
+    return model
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # a padded row
+    return ids, mask
+
+
+def _loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids, mask = _inputs()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_modes_give_the_same_loss_and_lora_gradients(base_config):
+    results = {mode: _loss_and_grads(_lora_model(base_config, mode)) for mode in MODES}
+    loss_off, grads_off = results["off"]
+    assert len(grads_off) == LAYERS * 7 * 2  # A and B of q, k, v, o, gate, up, down in every layer
+    assert all(g.abs().sum() > 0 for g in grads_off.values())
+    for mode in ("on", "offload"):
+        loss, grads = results[mode]
+        torch.testing.assert_close(loss, loss_off, rtol=1e-6, atol=1e-7, msg=mode)
+        assert grads.keys() == grads_off.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, grads_off[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def _layer_inputs_alive_after_forward(model) -> list[bool]:
+    """Whether each decoder layer's input tensor is still referenced once the forward is done (before backward)."""
+    refs: list[weakref.ref] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: refs.append(weakref.ref(args[0])))
+        for layer in decoder_layers(model)
+    ]
+    ids, mask = _inputs()
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    out.float().pow(2).mean().backward()  # the graph is still usable
+    for hook in hooks:
+        hook.remove()
+    return alive
+
+
+def test_on_keeps_every_layer_input_and_offload_none(base_config):
+    assert _layer_inputs_alive_after_forward(_lora_model(base_config, "on")) == [True] * LAYERS
+    # offload: the graph holds host copies (and a detached alias of the last input), never the inputs themselves
+    assert _layer_inputs_alive_after_forward(_lora_model(base_config, "offload")) == [False] * LAYERS
+
+
+def test_without_grad_layers_run_unchanged(base_config):
+    ids, mask = _inputs()
+    with torch.no_grad():
+        expected = _lora_model(base_config, "off")(input_ids=ids, attention_mask=mask).logits
+        for mode in ("on", "offload"):
+            got = _lora_model(base_config, mode)(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_second_backward_through_the_same_graph_refetches_the_inputs(base_config):
+    model = _lora_model(base_config, "offload")
+    ids, mask = _inputs()
+    loss = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().pow(2).mean()
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * first[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_unknown_mode_and_model_without_layers_are_refused(base_config):
+    with pytest.raises(ValueError, match="trainer.gradient_checkpointing='sometimes'"):
+        apply_gradient_checkpointing(torch.nn.Linear(2, 2), "sometimes")
+    with pytest.raises(ValueError, match="set trainer.gradient_checkpointing=off"):
+        apply_gradient_checkpointing(torch.nn.Linear(2, 2), "offload")

@@ -1,0 +1,265 @@
+"""grpo_ray.weights: the adapter's order and values, NCCL buckets, the learner's model on the
+engine's weights (views, no copy), the engine's IPC/NCCL write paths, and which path a config picks.
+
+CUDA IPC itself needs a GPU (tests/gpu/test_colocate_gpu.py); here the engine's tensors are
+plain CPU tensors laid out as vLLM lays them out, which is what the view-building logic sees.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from grpo_ray import weights as w
+from grpo_ray.actors import vllm_backend as vb
+from grpo_ray.config import ConfigError, load_config
+from tests.unit.test_vllm_backend import LAYOUT, PACKED, FakeEngine, peft_tensors
+
+
+# --- adapter order and values ------------------------------------------------------------------
+
+
+def test_adapter_pairs_sort_by_module_and_pair_a_with_b():
+    names = ["base_model.model.m.z.lora_B.weight", "base_model.model.m.a.lora_B.weight",
+             "base_model.model.m.z.lora_A.weight", "base_model.model.m.a.lora_A.weight"]  # fmt: skip
+    assert w.adapter_pairs(names) == [
+        ("m.a", "base_model.model.m.a.lora_A.weight", "base_model.model.m.a.lora_B.weight"),
+        ("m.z", "base_model.model.m.z.lora_A.weight", "base_model.model.m.z.lora_B.weight"),
+    ]
+    with pytest.raises(ValueError, match="m.a lacks its lora_B"):
+        w.adapter_pairs(names[2:])
+
+
+def test_engine_values_scale_b_and_cast():
+    tensors = peft_tensors(r=4)
+    values = w.engine_values(tensors, 2.5, torch.bfloat16)
+    first, a, b = w.adapter_pairs(tensors)[0]
+    assert len(values) == len(tensors) and all(v.dtype == torch.bfloat16 for v in values)
+    assert torch.equal(values[0], tensors[a].bfloat16()) and torch.equal(values[1], (tensors[b] * 2.5).bfloat16())
+
+
+# --- NCCL buckets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "numels, bucket, expected",
+    [([3, 3, 3], 6, [(0, 2), (2, 3)]), ([10, 1], 4, [(0, 1), (1, 2)]), ([1, 1, 1], 100, [(0, 3)]), ([], 5, [])],
+)
+def test_bucket_ranges_fill_buckets_in_order_and_let_big_tensors_go_alone(numels, bucket, expected):
+    assert w.bucket_ranges(numels, bucket) == expected
+
+
+class Wire:
+    """An in-process broadcast: the sender's buckets queue up, the receiver's buffers take them in order."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    def broadcast(self, tensor, src):
+        if src == 0 and not hasattr(self, "receiving"):
+            self.sent.append(tensor.clone())
+        else:
+            tensor.copy_(self.sent.pop(0))
+
+
+def test_buckets_sent_are_received_as_the_same_tensors():
+    tensors = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2), torch.randn(40)]
+    wire = Wire()
+    w.send_buckets(tensors, wire, bucket_numel=24)
+    assert [t.numel() for t in wire.sent] == [22, 8, 40]  # 15+7 | 8 | 40 alone
+    wire.receiving = True
+    received = [t for _, parts in w.receive_buckets([list(t.shape) for t in tensors], torch.float32, "cpu", wire, 24)
+                for t in parts]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(tensors, received)) and len(received) == 4
+
+
+def _gloo_rank(rank: int, port: int, queue) -> None:
+    """One side of a real two-process broadcast over torch.distributed (gloo), as NCCL would run it."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class Gloo:
+        def broadcast(self, tensor, src):
+            dist.broadcast(tensor, src=src)
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(16, 8).bfloat16(), torch.randn(8, 16).bfloat16(), torch.randn(3, 8).bfloat16()]
+    if rank == 0:
+        w.send_buckets(tensors, Gloo(), bucket_numel=200)
+    else:
+        shapes = [list(t.shape) for t in tensors]
+        got = [t for _, parts in w.receive_buckets(shapes, torch.bfloat16, "cpu", Gloo(), 200) for t in parts]
+        queue.put(all(torch.equal(a, b) for a, b in zip(tensors, got)) and len(got) == 3)
+    dist.destroy_process_group()
+
+
+def test_buckets_cross_a_real_process_group():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert queue.get(timeout=5) is True
+
+
+# --- the learner's model on the engine's weights -------------------------------------------------
+
+
+def fake_engine_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state of `model` as a vLLM engine with LoRA holds it: q|k|v and gate|up fused into
+    one tensor each, linears under `.base_layer`, vocabulary rows padded to a multiple of 64,
+    the tied lm_head not listed."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = {}
+    for name, t in sd.items():
+        module, _, kind = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf in ("q_proj", "gate_proj"):
+            parts = ["q_proj", "k_proj", "v_proj"] if leaf == "q_proj" else ["gate_proj", "up_proj"]
+            fused = "qkv_proj" if leaf == "q_proj" else "gate_up_proj"
+            out[f"{parent}.{fused}.base_layer.{kind}"] = torch.cat([sd[f"{parent}.{p}.{kind}"] for p in parts])
+        elif leaf in ("k_proj", "v_proj", "up_proj") or name == "lm_head.weight":
+            continue
+        elif leaf in ("o_proj", "down_proj"):
+            out[f"{parent}.{leaf}.base_layer.{kind}"] = t
+        elif leaf == "embed_tokens":
+            padded = torch.zeros(-(-t.shape[0] // 64) * 64, t.shape[1], dtype=t.dtype)
+            padded[: t.shape[0]] = t
+            out[name] = padded
+        else:
+            out[name] = t
+    return out
+
+
+@pytest.fixture()
+def original(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def test_model_on_engine_weights_gives_the_original_logits_without_a_copy(original):
+    engine = fake_engine_weights(original)
+    model = w.build_on_engine_weights(original.config, engine, {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                                "gate_up_proj": ["gate_proj", "up_proj"]})  # fmt: skip
+    ids = torch.randint(3, original.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, original(ids).logits, atol=1e-6)
+    storages = {t.untyped_storage().data_ptr() for t in engine.values()}
+    params = dict(model.named_parameters())
+    assert all(p.untyped_storage().data_ptr() in storages for p in params.values())  # every parameter a view
+    assert not any(p.requires_grad for p in params.values())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one view
+    # k_proj is rows [q, q + kv) of the fused tensor: a write through the learner's view is the engine's
+    k = model.model.layers[0].self_attn.k_proj.weight
+    with torch.no_grad():
+        k.fill_(0.5)
+    fused = engine["model.layers.0.self_attn.qkv_proj.base_layer.weight"]
+    q_rows = original.config.num_attention_heads * original.config.head_dim
+    assert torch.all(fused[q_rows : q_rows + k.shape[0]] == 0.5) and not torch.any(fused[:q_rows] == 0.5)
+
+
+def test_model_on_engine_weights_names_a_parameter_the_engine_lacks(original):
+    engine = fake_engine_weights(original)
+    engine.pop("model.norm.weight")
+    with pytest.raises(ValueError, match="no tensor for the learner's parameter model.norm.weight.*weight_sync=object_store"):
+        w.build_on_engine_weights(original.config, engine, {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                            "gate_up_proj": ["gate_proj", "up_proj"]})  # fmt: skip
+
+
+def test_model_on_engine_weights_refuses_tensors_of_another_config(original):
+    engine = fake_engine_weights(original)
+    engine["model.norm.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match="model.norm.weight has shape \\(7,\\)"):
+        w.build_on_engine_weights(original.config, engine, {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                            "gate_up_proj": ["gate_proj", "up_proj"]})  # fmt: skip
+
+
+def test_expandable_segments_are_refused_for_ipc(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
+    with pytest.raises(RuntimeError, match="remove expandable_segments:True"):
+        w.check_ipc_allocator()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    w.check_ipc_allocator()
+
+
+# --- the engine's side of the IPC and NCCL paths (FakeEngine: vLLM's LoRA buffers on CPU) --------
+
+
+def plan_args(tensors):
+    plan = vb.write_plan(tensors, LAYOUT, PACKED)
+    return [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], [n for _, _, a, b in plan for n in (a, b)]
+
+
+def test_ipc_path_pulls_the_learners_current_tensors_each_time(monkeypatch):
+    engine, learner = FakeEngine(), peft_tensors(r=4)
+    monkeypatch.setattr(vb, "open_shared_tensors", lambda payload: payload)  # no CUDA: the "mapped" tensors are these
+    modules, slices, names = plan_args(learner)
+    assert engine.collective_rpc("grpo_map_adapter", (vb.LORA_ID, modules, slices, names, learner, 4.0))[0] == 14
+    qkv = engine.manager.modules["model.layers.0.self_attn.qkv_proj"]
+    b_v = learner["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    for step in range(2):  # the optimizer updates the learner's tensors in place; each pull copies the current values
+        engine.collective_rpc("grpo_pull_adapter")
+        assert torch.equal(qkv.lora_b_stacked[2][1, 0, :, :4], (b_v * 4).bfloat16())
+        b_v.add_(1.0)
+    assert qkv.lora_a_stacked[0][0].count_nonzero() == 0  # the other slot untouched
+
+
+def test_nccl_path_receives_buckets_into_the_slot():
+    engine, learner = FakeEngine(), peft_tensors(r=4)
+    modules, slices, _ = plan_args(learner)
+    values = w.engine_values(learner, 4.0, torch.bfloat16)
+    wire = Wire()
+    w.send_buckets(values, wire, bucket_numel=100)
+    wire.receiving = True
+    engine.worker._grpo_group = wire
+    shapes = [list(v.shape) for v in values]
+    assert engine.collective_rpc("grpo_receive_adapter", (vb.LORA_ID, modules, slices, shapes, "bfloat16", 100))[0] == 14
+    down = engine.manager.modules["model.layers.0.mlp.down_proj"]
+    a_down = learner["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
+    assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and not wire.sent
+
+
+# --- which path a config picks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, path",
+    [([], "object_store"), (["rollout=vllm", "cluster=single_gpu"], "cuda_ipc"), (["rollout=vllm", "cluster=split"], "nccl"),
+     (["cluster=single_gpu"], "object_store"),
+     (["rollout=vllm", "cluster=single_gpu", "cluster.weight_sync=object_store"], "object_store")],
+)  # fmt: skip
+def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
+    sync = w.make_weight_sync(load_config(overrides))
+    assert type(sync) is w.SYNC_PATHS[path]
+    assert sync.shares_base == (path == "cuda_ipc") and sync.restartable == (path == "object_store")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["cluster.weight_sync=cuda_ipc"], "needs rollout=vllm and cluster=single_gpu"),
+     (["rollout=vllm", "cluster=single_gpu", "cluster.weight_sync=nccl"], "needs rollout=vllm and cluster=split"),
+     (["rollout=vllm", "cluster=single_gpu", "model.quantization=nf4"], "not built yet: set cluster.weight_sync=object_store"),
+     (["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1"], "rollout.release_memory=false"),
+     (["trainer.sync_check_interval=-1"], "sync_check_interval must be >= 0")],
+)  # fmt: skip
+def test_placement_rules_name_the_setting_to_change(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_async_colocated_is_allowed_when_the_engine_keeps_its_memory():
+    cfg = load_config(["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1", "rollout.release_memory=false"])
+    assert cfg.trainer.async_steps == 1
