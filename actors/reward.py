@@ -2,8 +2,8 @@
 
 One step: the driver hands `RewardPool.score` the ObjectRef of a Rollout; the pool asks each
 actor for a contiguous range of groups, passing the ref itself (Ray resolves it in the actor's
-process, so the batch never travels through the driver), and returns the ref of a task that
-combines the parts into a ScoredRollout, which the learner takes as is.
+process, so the batch never travels through the driver), and returns the ref of the first
+actor's call that combines the parts into a ScoredRollout, which the learner takes as is.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ class RewardActor:
     def score(self, rollout: Rollout, start: int, stop: int) -> RewardScores:
         """Scores of groups [start, stop) of `rollout` (see `score_rollout`)."""
         return score_rollout(rollout.group_slice(start, stop), self.funcs, self.timeout_s)
+
+    def combine(self, rollout: Rollout, reward_names: list[str], reward_weights: list[float] | None,
+                scale_rewards: str, *parts: RewardScores) -> ScoredRollout:  # fmt: skip
+        """combine_scores of every actor's part; the parts are top-level arguments, which Ray
+        resolves from their refs. In an actor that already runs (and imported torch): a task of
+        its own would need a fresh worker process each step when the actors hold every CPU."""
+        return combine_scores(rollout, parts, reward_names, reward_weights, scale_rewards)
 
 
 class _RemoteRewardActor(RewardActor):
@@ -99,21 +106,6 @@ def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _combine(
-    rollout: Rollout,
-    reward_names: list[str],
-    reward_weights: list[float] | None,
-    scale_rewards: str,
-    *parts: RewardScores,
-) -> ScoredRollout:
-    """combine_scores with the parts as top-level arguments, which Ray resolves from their refs."""
-    return combine_scores(rollout, parts, reward_names, reward_weights, scale_rewards)
-
-
-# No CPU reserved: it is a few tensor operations, and must not queue behind busy reward actors.
-_combine_task = ray.remote(num_cpus=0)(_combine)
-
-
 class RewardPool:
     """`reward_cfg.num_workers` RewardActors (one CPU each, spread over the cluster's nodes)."""
 
@@ -157,7 +149,8 @@ class RewardPool:
             actor.score.remote(rollout_ref, start, stop)
             for actor, (start, stop) in zip(self.actors, group_ranges(num_groups, len(self.actors)))
         ]
-        return _combine_task.remote(rollout_ref, self.reward_names, self.reward_weights, self.scale_rewards, *parts)
+        combiner = self.actors[0]
+        return combiner.combine.remote(rollout_ref, self.reward_names, self.reward_weights, self.scale_rewards, *parts)
 
     def shutdown(self) -> None:
         """Kills the actors (an abandoned timed-out reward call dies with its process)."""

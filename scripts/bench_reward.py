@@ -139,9 +139,7 @@ def scaling(actor_counts: list[int], generations: int, steps: int) -> None:
 
     name, problems = workload()
     task = TaskConfig(reward_funcs=["grpo_ray.rewards.code:pass_fraction_reward"])
-    # One logical CPU more than actors: Ray keeps at most that many idle workers, and with exactly
-    # N it restarts the combine task's worker (num_cpus=0, imports torch) every step: ~1.7 s here.
-    ray.init(num_cpus=max(actor_counts) + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(actor_counts), include_dashboard=False, log_to_driver=False)
     base = None
     for n in actor_counts:
         pool = RewardPool(RewardConfig(num_workers=n, timeout_s=600.0), task, "group")
