@@ -20,7 +20,7 @@ import torch
 from grpo_ray import grpo
 from grpo_ray.errors import oom_advice
 from grpo_ray.metrics import sample_completions
-from grpo_ray.checkpointing import apply_gradient_checkpointing
+from grpo_ray.checkpointing import apply_gradient_checkpointing, apply_sequence_chunking
 from grpo_ray.logprobs import (
     PackedBatch, check_padding_free, completion_logprobs, micro_batch_indices, pack, pad_ragged, select_kernel,
 )  # fmt: skip
@@ -72,6 +72,7 @@ class LearnerActor:
         self.model.train()
         check_padding_free(self.model, cfg.trainer.padding_free)
         apply_gradient_checkpointing(self.model, cfg.trainer.gradient_checkpointing)
+        apply_sequence_chunking(self.model, cfg.trainer.sequence_chunk_tokens)
         trainer = cfg.trainer
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

@@ -34,6 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("off", "on", "offload")
+MLP_NAMES = ("mlp", "feed_forward")  # a decoder layer's MLP attribute in transformers' models
 LayerFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -163,3 +164,42 @@ class _Offloader:
             target.copy_(parked.host, non_blocking=True)
             parked.ready = stream.record_event()
         parked.on_device = target
+
+
+# --- the MLP in sequence chunks (trainer.sequence_chunk_tokens) -------------------------------
+
+
+def apply_sequence_chunking(model: torch.nn.Module, chunk_tokens: int) -> None:
+    """Run every decoder layer's MLP over at most `chunk_tokens` tokens at a time (0: unchanged).
+
+    The MLP's intermediate activations ([tokens × intermediate], 3 of them for a gated MLP: 3.5×
+    the hidden size for Llama-3.1-8B) dominate a layer's working set on long sequences. Each chunk
+    runs under its own non-reentrant checkpoint, so autograd keeps only the chunk's input (a view
+    of the layer's) and its backward recomputes one chunk at a time: the MLP's peak is
+    chunk_tokens × intermediate, whatever the sequence length, in forward, recomputation and
+    backward. Tokens are independent in an MLP, so the result is the same as in one pass.
+    """
+    if chunk_tokens == 0:
+        return
+    mlps = [getattr(layer, name) for layer in decoder_layers(model) for name in MLP_NAMES if hasattr(layer, name)]
+    if not mlps:
+        raise ValueError(
+            f"trainer.sequence_chunk_tokens={chunk_tokens}: {type(model).__name__} has no decoder-layer MLPs "
+            f"(attributes {', '.join(MLP_NAMES)}) to run in chunks; set trainer.sequence_chunk_tokens=0"
+        )
+    for mlp in mlps:
+        mlp.forward = _chunked(mlp.forward, chunk_tokens)
+
+
+def _chunked(forward: LayerFn, chunk_tokens: int) -> LayerFn:
+    """`forward` of a token-wise module over [..., tokens, H] in pieces of `chunk_tokens` flattened tokens."""
+
+    @functools.wraps(forward)
+    def chunked_forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= chunk_tokens:
+            return forward(x)
+        run = (lambda piece: checkpoint(forward, piece, use_reentrant=False)) if torch.is_grad_enabled() else forward
+        return torch.cat([run(piece) for piece in flat.split(chunk_tokens)]).view(*x.shape[:-1], -1)
+
+    return chunked_forward

@@ -130,6 +130,9 @@ class TrainerConfig:
     # Concatenate a micro-batch's sequences into one row, positions restarting: no padding.
     # Needs attention that separates them (sdpa, eager, flash_attention_2/3, flex_attention).
     padding_free: bool = False
+    # Decoder-layer MLPs run over at most this many tokens at a time, each piece recomputed in
+    # backward: the MLP's working set stops growing with the sequence. 0: off.
+    sequence_chunk_tokens: int = 0
     save_steps: int = 0  # checkpoint every N steps (and on SIGTERM/SIGINT); 0: only then
     save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
     max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
@@ -268,6 +271,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.temperature must be > 0 (got {cfg.rollout.temperature}); GRPO needs sampling")
     if cfg.loss.beta < 0:
         raise ConfigError(f"loss.beta must be >= 0, got {cfg.loss.beta}")
+    if cfg.trainer.sequence_chunk_tokens < 0:
+        raise ConfigError(f"trainer.sequence_chunk_tokens must be >= 0 (0: off), got {cfg.trainer.sequence_chunk_tokens}")
     if cfg.trainer.max_tokens_per_microbatch < 0:
         raise ConfigError(
             f"trainer.max_tokens_per_microbatch must be >= 0 (0: micro-batches of per_device_train_batch_size "

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo_ray.checkpointing import MODES, apply_gradient_checkpointing, decoder_layers
+from grpo_ray.checkpointing import MODES, apply_gradient_checkpointing, apply_sequence_chunking, decoder_layers
 from grpo_ray.models import add_lora
 
 LAYERS = 4
@@ -26,7 +26,7 @@ def base_config():
     )  # fmt: skip
 
 
-def _lora_model(config, mode: str) -> torch.nn.Module:
+def _lora_model(config, mode: str, chunk_tokens: int = 0) -> torch.nn.Module:
     """The same random Llama and LoRA (B non-zero, so A gets gradients too) for every mode."""
     from transformers import LlamaForCausalLM
 
@@ -37,6 +37,7 @@ def _lora_model(config, mode: str) -> torch.nn.Module:
             p.data.normal_(0, 0.1)
     model.train()
     apply_gradient_checkpointing(model, mode)
+    apply_sequence_chunking(model, chunk_tokens)
     return model
 
 
@@ -119,3 +120,38 @@ def test_unknown_mode_and_model_without_layers_are_refused(base_config):
         apply_gradient_checkpointing(torch.nn.Linear(2, 2), "sometimes")
     with pytest.raises(ValueError, match="set trainer.gradient_checkpointing=off"):
         apply_gradient_checkpointing(torch.nn.Linear(2, 2), "offload")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mlp_in_sequence_chunks_gives_the_same_loss_and_gradients(base_config, mode):
+    loss_one, grads_one = _loss_and_grads(_lora_model(base_config, mode))
+    loss, grads = _loss_and_grads(_lora_model(base_config, mode, chunk_tokens=5))  # 51 tokens: 11 pieces
+    torch.testing.assert_close(loss, loss_one, rtol=1e-6, atol=1e-7)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_one[name], rtol=1e-5, atol=1e-7, msg=name)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(_lora_model(base_config, mode, chunk_tokens=5)(input_ids=ids, attention_mask=mask).logits,
+                                   _lora_model(base_config, mode)(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+
+
+def test_chunked_mlp_keeps_no_tokens_by_intermediate_activation(base_config):
+    """Without chunks autograd keeps [tokens × intermediate] tensors of every MLP; with chunks of 5
+    tokens, nothing larger than one chunk of the layer's input is kept (the rest is recomputed)."""
+
+    def largest_saved(chunk_tokens: int) -> int:
+        model = _lora_model(base_config, "off", chunk_tokens)
+        mlp = decoder_layers(model)[0].mlp
+        sizes: list[int] = []
+        x = torch.randn(3, 17, base_config.hidden_size, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            mlp(x).sum().backward()
+        return max(sizes)
+
+    assert largest_saved(0) >= 51 * base_config.intermediate_size
+    assert largest_saved(5) <= 5 * base_config.hidden_size
+
+
+def test_sequence_chunks_need_decoder_mlps():
+    with pytest.raises(ValueError, match="set trainer.sequence_chunk_tokens=0"):
+        apply_sequence_chunking(torch.nn.Linear(2, 2), 8)

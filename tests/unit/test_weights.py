@@ -253,9 +253,10 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout=vllm", "cluster=single_gpu", "cluster.weight_sync=nccl"], "needs rollout=vllm and cluster=split"),
      (["rollout=vllm", "cluster=single_gpu", "model.quantization=nf4"], "not built yet: set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1"], "rollout.release_memory=false"),
-     (["trainer.sync_check_interval=-1"], "sync_check_interval must be >= 0")],
+     (["trainer.sync_check_interval=-1"], "sync_check_interval must be >= 0"),
+     (["trainer.sequence_chunk_tokens=-8"], "sequence_chunk_tokens must be >= 0")],
 )  # fmt: skip
-def test_placement_rules_name_the_setting_to_change(overrides, message):
+def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides)
 
