@@ -13,12 +13,12 @@ from typing import Any, Sequence
 import ray
 from ray import ObjectRef
 
-from grpo_ray import rewards, sandbox
+from grpo_ray import rewards
 from grpo_ray.config import RewardConfig, TaskConfig
 from grpo_ray.rewards.scoring import RewardScores, combine_scores, score_rollout, unique_reward_names
 from grpo_ray.types import Rollout, ScoredRollout
 
-__all__ = ["RewardActor", "RewardPool", "group_ranges", "start_sandbox"]
+__all__ = ["RewardActor", "RewardPool", "group_ranges"]
 
 
 class RewardActor:
@@ -30,7 +30,7 @@ class RewardActor:
         self.funcs = [rewards.load(path) for path in reward_funcs]
         self.names = unique_reward_names(self.funcs)
         self.timeout_s = timeout_s
-        start_sandbox([path for path, fn in zip(reward_funcs, self.funcs) if sandbox.needs_sandbox(fn)])
+        rewards.start_sandbox(reward_funcs, self.funcs)
 
     def ready(self) -> list[str]:
         """The reward names: answers once the functions loaded, so the pool can wait for it."""
@@ -77,22 +77,6 @@ class _RemoteRewardActor(RewardActor):
 
     def __repr__(self) -> str:
         return "RewardActor"  # Ray's prefix of the actor's log lines
-
-
-def start_sandbox(paths: list[str]) -> None:
-    """Start the code sandbox that the reward functions at `paths` need (none: nothing to do).
-
-    At startup, so that a node without bubblewrap stops the run with the install command instead
-    of scoring None for every completion; the sandbox it starts stays warm for the first job.
-    """
-    if not paths:
-        return
-    try:
-        sandbox.check_available()
-    except sandbox.SandboxUnavailable as error:
-        raise rewards.RewardLoadError(
-            f"{', '.join(paths)} run completions in the code sandbox, which cannot start on this node: {error}"
-        ) from error
 
 
 def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:

@@ -163,6 +163,7 @@ def evaluate(cfg: DictConfig, target: Target, out: Path | str | None = None) -> 
     from grpo_ray.data import load_prompts
     from grpo_ray.models import resolve_model_path
     from grpo_ray.rewards import load as load_reward
+    from grpo_ray.rewards import start_sandbox
     from grpo_ray.types import AdapterWeights
 
     start = time.perf_counter()
@@ -174,6 +175,7 @@ def evaluate(cfg: DictConfig, target: Target, out: Path | str | None = None) -> 
     if not funcs:
         raise EvalError("task.reward_funcs is empty: there is nothing to score completions with")
     names = unique_reward_names(funcs)
+    start_sandbox(list(cfg.task.reward_funcs), funcs)  # code rewards: no sandbox here stops now, not with None scores
     # 2. model (+ adapter)
     device = "cuda" if cfg.cluster.placement != "cpu" and torch.cuda.is_available() else "cpu"
     actor = RolloutActor(cfg, resolve_model_path(cfg.model.name_or_path), device)

@@ -183,3 +183,23 @@ def _check_signature(fn: Callable[..., Any], path: str) -> None:
             f"{expected}: it has no 'completions' parameter but requires {misnamed}, which would be "
             f"looked up as dataset columns; rename them to 'prompts', 'completions' or {fix}"
         )
+
+
+def start_sandbox(paths: list[str], funcs: list[Callable[..., Any]]) -> None:
+    """Start the code sandbox that any of `funcs` (loaded from `paths`) needs; none: nothing to do.
+
+    Called before any scoring (a RewardActor's start, `grpo-ray eval`), so that a node without
+    bubblewrap stops with the install command instead of scoring None for every completion; the
+    sandbox it starts stays warm for the first job.
+    """
+    from grpo_ray import sandbox
+
+    needing = [path for path, fn in zip(paths, funcs) if sandbox.needs_sandbox(fn)]
+    if not needing:
+        return
+    try:
+        sandbox.check_available()
+    except sandbox.SandboxUnavailable as error:
+        raise RewardLoadError(
+            f"{', '.join(needing)} run completions in the code sandbox, which cannot start on this node: {error}"
+        ) from error

@@ -159,3 +159,15 @@ def test_pass_at_k_by_hand():
     assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0
     with pytest.raises(EvalError):
         resolve_target("/nonexistent/path")
+
+
+def test_code_rewards_stop_eval_up_front_without_a_sandbox(run_dir, monkeypatch):
+    from grpo_ray.rewards import RewardLoadError
+    from grpo_ray.sandbox import runner
+
+    monkeypatch.setenv("GRPO_RAY_BWRAP", "/nonexistent/bwrap")
+    monkeypatch.setattr(runner, "_availability_result", [])
+    target = resolve_target(run_dir)
+    cfg = eval_config(target, ["task.reward_funcs=[grpo_ray.rewards.code:pass_fraction_reward]"])
+    with pytest.raises(RewardLoadError, match="code:pass_fraction_reward run completions in the code sandbox.*apt-get install"):
+        evaluate(cfg, target)
