@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from random_model import LLAMA_31_8B  # noqa: E402
+
 GIB = 2**30
 LORA_R = 16
 
@@ -69,14 +72,6 @@ class Shape:
     completion_tokens: int
 
 
-# meta-llama/Llama-3.1-8B's config.json (the fields that shape the model)
-LLAMA_31_8B = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "initializer_range": 0.02,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}  # fmt: skip
 SHAPES = {
     "llama-3.1-8b": Shape(LLAMA_31_8B, generations=8, prompt_tokens=512, completion_tokens=20480 - 512),
     "quick": Shape({**LLAMA_31_8B, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,

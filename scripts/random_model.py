@@ -21,13 +21,19 @@ from pathlib import Path
 
 import torch
 
+# meta-llama/Llama-3.1-8B's config.json (the fields that shape the model), RoPE scaling included
+LLAMA_31_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "initializer_range": 0.02,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}  # fmt: skip
 SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
-                         rope_theta=1000000.0, max_position_embeddings=32768),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, attention_bias=False, tie_word_embeddings=False,
-                         rope_theta=500000.0, max_position_embeddings=131072),
+                         rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6, initializer_range=0.02),
+    "llama-3.1-8b": LLAMA_31_8B,
 }  # fmt: skip
 
 
@@ -48,7 +54,7 @@ def build(shape: str, path: Path) -> dict:
     dims = SHAPES[shape]
     tokenizer.add_tokens([f"<w{i}>" for i in range(dims["vocab_size"] - len(tokenizer))])
     config = LlamaConfig(**dims, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, initializer_range=0.02)  # fmt: skip
+                         bos_token_id=tokenizer.bos_token_id)  # fmt: skip
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = torch.get_default_dtype()
