@@ -25,6 +25,7 @@ from grpo_ray.logprobs import (
     PackedBatch, check_padding_free, completion_logprobs, micro_batch_indices, pack, pad_ragged, select_kernel,
 )  # fmt: skip
 from grpo_ray.models import add_lora, load_model, load_tokenizer, torch_dtype
+from grpo_ray.parallel import LearnerGroup
 from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
     adapter_tensors,
@@ -54,15 +55,18 @@ class NonFiniteError(FloatingPointError):
 class LearnerActor:
     """Trains a LoRA adapter on scored rollouts; exports the adapter after each step."""
 
-    def __init__(self, cfg: Any, model_path: str, device: str = "cpu", shared_weights: bytes | None = None) -> None:
+    def __init__(self, cfg: Any, model_path: str, device: str = "cpu", shared_weights: bytes | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
         """`shared_weights`: the colocated engine's `share_weights()`; the base model is then built
-        on its tensors (CUDA IPC, no second copy) instead of loaded."""
+        on its tensors (CUDA IPC, no second copy) instead of loaded. `rank` / `world_size`: this
+        worker's place among cluster.learner_workers data-parallel learners (grpo_ray.parallel)."""
         torch.manual_seed(cfg.trainer.seed)
         if cfg.cluster.cpu_threads:
             torch.set_num_threads(cfg.cluster.cpu_threads)
         else:  # Ray caps OMP threads at the actor's num_cpus; the learner may use the node's cores
             torch.set_num_threads(os.cpu_count() or 1)
         self.cfg, self.device = cfg, torch.device(device)
+        self.group = LearnerGroup(rank, world_size)
         if self.device.index is not None:  # collectives and streams follow the current device
             torch.cuda.set_device(self.device)
         self.pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id
@@ -107,8 +111,8 @@ class LearnerActor:
         """CUDA-IPC handles of the LoRA parameters themselves (the optimizer updates them in place), and their shapes."""
         return share_tensors(adapter_tensors(self.model)), self.adapter_spec()
 
-    def weight_group_address(self) -> tuple[str, int]:
-        """Host and a free port for the NCCL group's rendezvous (this learner is rank 0)."""
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Host and a free port for a process group's rendezvous, where this learner is rank 0."""
         import socket
 
         import ray
@@ -116,6 +120,10 @@ class LearnerActor:
         with socket.socket() as probe:
             probe.bind(("", 0))
             return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
+    def join_learner_group(self, host: str, port: int) -> None:
+        """Join the data-parallel learners' process group (rank 0 listens on host:port)."""
+        self.group.join(host, port, self.device)
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Create the NCCL broadcast group with the rollout engine(s), as rank 0."""
@@ -173,7 +181,9 @@ class LearnerActor:
         check_version(rollout.version, self.version, self.cfg.trainer.async_steps)
         with oom_advice("learner"):
             batches = self._micro_batches(scored)
-            num_tokens = sum(b["batch"].completion_mask.sum().item() for b in batches)
+            local = [sum(b["batch"].completion_mask.sum().item() for b in batches),
+                     sum(b["batch"].attention_mask.sum().item() for b in batches)]  # fmt: skip
+            num_tokens, all_tokens = self.group.sum(local, self.device)  # the whole batch's, over the workers
             self._no_grad_logprobs(batches, rollout.version)
             iterations = [
                 self._optimizer_step(batches, rollout.num_completions, num_tokens)
@@ -184,7 +194,7 @@ class LearnerActor:
         self.steps_done += 1
         metrics.update(scored.metrics)
         metrics["time/train"] = time.perf_counter() - start
-        metrics["tokens/total"] = float(sum(b["batch"].attention_mask.sum().item() for b in batches))
+        metrics["tokens/total"] = all_tokens
         metrics["perf/train_tokens_per_s"] = metrics["tokens/total"] * self.cfg.trainer.num_iterations / metrics["time/train"]
         if self.device.type == "cuda":  # this process's peak, base weights included unless shared
             metrics["memory/learner_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -196,16 +206,18 @@ class LearnerActor:
     # --- pieces of a step ----------------------------------------------------------------
 
     def _micro_batches(self, scored: ScoredRollout) -> list[dict[str, Any]]:
-        """Completions grouped into micro-batches (per_device_train_batch_size completions, or by
-        trainer.max_tokens_per_microbatch), packed with their advantages and sampling logprobs."""
+        """This worker's completions grouped into micro-batches (per_device_train_batch_size
+        completions, or by trainer.max_tokens_per_microbatch), packed with their advantages and
+        sampling logprobs."""
         rollout, g, trainer = scored.rollout, scored.rollout.num_generations, self.cfg.trainer
         keep = torch.tensor(
             [not (self.cfg.loss.mask_truncated_completions and r == "length") for r in rollout.finish_reasons]
         )
-        lengths = [len(rollout.prompt_ids[i // g]) + len(c) for i, c in enumerate(rollout.completion_ids)]
-        groups = micro_batch_indices(
+        mine = self.group.completions(len(rollout.prompt_ids), g)  # all of them with one learner worker
+        lengths = [len(rollout.prompt_ids[i // g]) + len(rollout.completion_ids[i]) for i in mine]
+        groups = [[mine[j] for j in idx] for idx in micro_batch_indices(
             lengths, trainer.per_device_train_batch_size, trainer.max_tokens_per_microbatch, trainer.padding_free
-        )
+        )]  # fmt: skip
         out = []
         for idx in groups:
             batch = pack([rollout.prompt_ids[i // g] for i in idx], [rollout.completion_ids[i] for i in idx],
@@ -248,9 +260,10 @@ class LearnerActor:
 
     def _check_sync(self, batches: list[dict[str, Any]], rollout_version: int) -> None:
         """Fail loudly when the engine's logprobs are far from the learner's (stale or wrong weights)."""
-        gap = sum(((mb["old_logp"] - mb["sampling_logp"]).abs() * mb["batch"].completion_mask).sum() for mb in batches)
-        tokens = sum(mb["batch"].completion_mask.sum() for mb in batches).clamp(min=1)
-        mean_gap = (gap / tokens).item()
+        local = [sum(((mb["old_logp"] - mb["sampling_logp"]).abs() * mb["batch"].completion_mask).sum().item()
+                     for mb in batches), sum(mb["batch"].completion_mask.sum().item() for mb in batches)]  # fmt: skip
+        gap, tokens = self.group.sum(local, self.device)  # every worker decides on the same numbers
+        mean_gap = gap / max(tokens, 1.0)
         if mean_gap > self.cfg.trainer.sync_check_tolerance:
             raise SyncCheckError(
                 f"mean |learner logp - sampling logp| = {mean_gap:.4f} between the learner at weight version "
@@ -296,8 +309,12 @@ class LearnerActor:
             total_loss += loss.item()
             per_batch.append(m)
             shares.append(batch.completion_mask.sum().item())
-        metrics = reduce_metrics(per_batch, shares)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # data-parallel workers: the whole batch's gradient, loss and metrics (no-ops with one worker)
+        self.group.sum_gradients(params)
+        total_loss = self.group.sum([total_loss], self.device)[0]
+        metrics = self.group.gather((per_batch, shares), lambda items: reduce_metrics(
+            [m for parts, _ in items for m in parts], [w for _, weights in items for w in weights]))  # fmt: skip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
         finite = math.isfinite(total_loss) and bool(torch.isfinite(grad_norm))
         if finite:

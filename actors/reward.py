@@ -15,10 +15,11 @@ from ray import ObjectRef
 
 from grpo_ray import rewards
 from grpo_ray.config import RewardConfig, TaskConfig
+from grpo_ray.parallel import group_ranges
 from grpo_ray.rewards.scoring import RewardScores, combine_scores, score_rollout, unique_reward_names
 from grpo_ray.types import Rollout, ScoredRollout
 
-__all__ = ["RewardActor", "RewardPool", "group_ranges"]
+__all__ = ["RewardActor", "RewardPool"]
 
 
 class RewardActor:
@@ -77,17 +78,6 @@ class _RemoteRewardActor(RewardActor):
 
     def __repr__(self) -> str:
         return "RewardActor"  # Ray's prefix of the actor's log lines
-
-
-def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) ranges covering num_groups, sizes within one of each other, none empty."""
-    base, extra = divmod(num_groups, num_parts)
-    ranges, start = [], 0
-    for part in range(min(num_parts, num_groups)):
-        stop = start + base + (part < extra)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
 
 
 class RewardPool:

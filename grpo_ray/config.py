@@ -158,7 +158,10 @@ class ClusterConfig:
     learner_gpus: float = 0.0
     call_timeout_s: float = 1800.0  # deadline of every remote call
     rollout_cpus: float = 1.0  # Ray CPUs reserved for the rollout actor
-    learner_cpus: float = 1.0  # Ray CPUs reserved for the learner actor
+    learner_cpus: float = 1.0  # Ray CPUs reserved for each learner actor
+    # Data-parallel learner actors (learner_gpus each): each trains on its share of a step's groups,
+    # gradients are summed over them, and every one takes the same optimizer step.
+    learner_workers: int = 1
     cpu_threads: int = 0  # torch threads per actor on CPU; 0: all cores of the node
     # How the adapter reaches the rollout each step: auto | object_store | cuda_ipc | nccl.
     # auto: cuda_ipc for vllm colocated (one copy of the base weights), nccl for vllm split, else object_store.
@@ -302,6 +305,14 @@ def _validate_placement(cfg: DictConfig) -> None:
             "trainer.async_steps=1 would generate while the learner trains, but with cluster=single_gpu the engine "
             "frees its KV cache during training (rollout.release_memory=true): set trainer.async_steps=0, or "
             "rollout.release_memory=false to keep both in memory and overlap them"
+        )
+    workers = cfg.cluster.learner_workers
+    prompts = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps // cfg.rollout.num_generations
+    if workers < 1 or (placement == "colocate" and workers > 1) or prompts < workers:
+        raise ConfigError(
+            f"cluster.learner_workers={workers}: needs at least 1, at most the prompts of a step ({prompts}: "
+            "per_device_train_batch_size × gradient_accumulation_steps / num_generations), and 1 with "
+            "cluster=single_gpu (one GPU)"
         )
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")

@@ -35,7 +35,8 @@ def connect(address: str | None, need_cpus: float) -> None:
     have = ray.cluster_resources().get("CPU", 0)
     if have < need_cpus:
         raise ConfigError(
-            f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus + cluster.learner_cpus + reward.num_workers) "
+            f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus + cluster.learner_cpus × cluster.learner_workers "
+            f"+ reward.num_workers) "
             f"but the Ray cluster has {have:g}; lower reward.num_workers or add CPUs"
         )
 

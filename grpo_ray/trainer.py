@@ -47,12 +47,13 @@ def actor_options(cfg: DictConfig, sync: WeightSync, timeout_s: float) -> tuple[
     """Ray options of the rollout and the learner, and the placement group that holds them (or None).
 
     cluster=single_gpu puts both in one bundle of one GPU (fractional GPUs: the same device);
-    sync paths that tie the learner to the engine (CUDA IPC, NCCL) cannot restart one actor alone.
+    sync paths that tie the learner to the engine (CUDA IPC, NCCL), and data-parallel learners,
+    cannot restart one actor alone.
     """
     import ray
 
     cluster = cfg.cluster
-    restarts = cfg.trainer.max_recoveries if sync.restartable else 0
+    restarts = cfg.trainer.max_recoveries if sync.restartable and cluster.learner_workers == 1 else 0
     rollout = dict(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus, max_restarts=restarts)
     learner = dict(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus, max_restarts=restarts)
     if sync.shares_base:  # expandable segments would make the weights impossible to export
@@ -83,11 +84,21 @@ def actor_options(cfg: DictConfig, sync: WeightSync, timeout_s: float) -> tuple[
 class Actors:
     rollout: Any
     rewards: Any  # RewardPool
-    learner: Any
+    learners: list[Any]  # cluster.learner_workers data-parallel workers; rank 0 first
     timeout_s: float
     sync: WeightSync
     placement_group: Any = None
     info: dict[str, dict] = field(default_factory=dict)  # name -> ready(): pid, node, version
+
+    @property
+    def learner(self) -> Any:
+        """Rank 0: the learner that exports weights and writes checkpoints (all hold the same)."""
+        return self.learners[0]
+
+    @property
+    def restartable(self) -> bool:
+        """Whether one actor can be restarted alone: not when tied to the engine or to other learners."""
+        return self.sync.restartable and len(self.learners) == 1
 
     @classmethod
     def create(cls, cfg: DictConfig, model_path: str) -> "Actors":
@@ -110,14 +121,20 @@ class Actors:
         rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=cfg.trainer.max_recoveries)
         rollout_options, learner_options, group = actor_options(cfg, sync, timeout)
         rollout = ray.remote(RolloutActor).options(**rollout_options).remote(cfg, model_path, device)
-        actors = cls(rollout=rollout, rewards=rewards, learner=None, timeout_s=timeout, sync=sync, placement_group=group)
+        actors = cls(rollout=rollout, rewards=rewards, learners=[], timeout_s=timeout, sync=sync, placement_group=group)
         try:
             shared = None
             if sync.shares_base:
                 actors.refresh_info(["rollout"])
                 shared = rollout.share_weights.remote()
-            actors.learner = ray.remote(LearnerActor).options(**learner_options).remote(cfg, model_path, device, shared)
+            workers = cfg.cluster.learner_workers
+            remote_learner = ray.remote(LearnerActor).options(**learner_options)
+            actors.learners = [remote_learner.remote(cfg, model_path, device, shared, rank, workers) for rank in range(workers)]
             actors.refresh_info()
+            if workers > 1:
+                host, port = get(actors.learner.rendezvous_address.remote(), "LearnerActor.rendezvous_address", timeout)
+                get([w.join_learner_group.remote(host, port) for w in actors.learners], "LearnerActor.join_learner_group",
+                    timeout)  # fmt: skip
             sync.connect(actors.rollout, actors.learner, timeout)
         except BaseException:
             actors.shutdown()
@@ -130,15 +147,27 @@ class Actors:
 
         deadline = time.monotonic() + self.timeout_s
         for name in names:
-            handle = getattr(self, name)
+            handles = [self.rollout] if name == "rollout" else self.learners
             what = f"{name.capitalize()}Actor.__init__ (loading the model)"
             while True:
                 try:
-                    self.info[name] = get(handle.ready.remote(), what, max(deadline - time.monotonic(), 0.001))
+                    infos = get([h.ready.remote() for h in handles], what, max(deadline - time.monotonic(), 0.001))
+                    self.info[name] = infos[0]
                     break
                 except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
                     time.sleep(0.5)
         return self.info
+
+    def train_step(self, scored: Any) -> Any:
+        """Every learner worker trains on its share of the scored rollout; rank 0's StepMetrics
+        (its metrics are the whole batch's)."""
+        refs = [w.train_step.remote(scored) for w in self.learners]
+        return get(refs, "LearnerActor.train_step", self.timeout_s, self.info.get("learner"))[0]
+
+    def load_state(self, files: dict[str, bytes]) -> int:
+        """Every learner worker restores the checkpoint's state; returns the restored weight version."""
+        refs = [w.load_state_files.remote(files) for w in self.learners]
+        return get(refs, "LearnerActor.load_state_files", self.timeout_s)[0]
 
     def sync_weights(self, version: int) -> int:
         """Learner's adapter (at `version`) -> rollout, by the sync path; returns the rollout's new version."""
@@ -149,8 +178,8 @@ class Actors:
         import ray
 
         self.rewards.shutdown()
-        if self.learner is not None:
-            ray.kill(self.learner)
+        for learner in self.learners:
+            ray.kill(learner)
         try:  # a vLLM engine runs its own process: stop it, then the actor
             ray.get(self.rollout.close.remote(), timeout=60)
         except Exception:  # a dead or hung rollout is killed all the same
@@ -319,7 +348,7 @@ class Run:
     # 1. one GRPO step
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
         """Generate, score, train, sync; returns the step's metrics and a few sample completions."""
-        cfg, actors, timeout = self.cfg, self.actors, self.cfg.cluster.call_timeout_s
+        actors, timeout = self.actors, self.cfg.cluster.call_timeout_s
         num_prompts = self.schedule.prompts_per_step
         timings: dict[str, float] = {}
         with phase("step", timings):
@@ -329,8 +358,7 @@ class Run:
             with phase("reward", timings):
                 scored = wait(actors.rewards.score(rollout, num_prompts), "RewardPool.score", timeout)
             with phase("train", timings):
-                result = get(actors.learner.train_step.remote(scored), "LearnerActor.train_step", timeout,
-                             actors.info.get("learner"))  # fmt: skip
+                result = actors.train_step(scored)
             with phase("sync", timings):
                 self.version = self.sync_weights(result.version)
         self.schedule.step_done()
@@ -356,8 +384,7 @@ class Run:
             self.step, state = 0, {"schedule": self.initial_state, "recoveries": self.recoveries}
         else:
             files, state = load_checkpoint(checkpoint)
-            version = get(self.actors.learner.load_state_files.remote(files), "LearnerActor.load_state_files",
-                          self.cfg.cluster.call_timeout_s)  # fmt: skip
+            version = self.actors.load_state(files)
             self.step = state["step"]
         self.schedule.load_state_dict(state["schedule"])
         self.recoveries = dict(state["recoveries"])
@@ -366,10 +393,11 @@ class Run:
 
     # 3. actor faults
     def _count_fault(self, error: Exception) -> None:
-        if not self.actors.sync.restartable:
+        if not self.actors.restartable:
             raise RuntimeError(
-                f"an actor failed at step {self.step + 1}; with cluster.weight_sync={weight_sync_path(self.cfg)} "
-                "the learner is tied to the engine (shared memory or a NCCL group), so one cannot restart alone: "
+                f"an actor failed at step {self.step + 1}; with cluster.weight_sync={weight_sync_path(self.cfg)} and "
+                f"cluster.learner_workers={len(self.actors.learners)} the learner is tied to the engine (shared memory "
+                "or a NCCL group) or to other learners, so one cannot restart alone: "
                 "continue from the last checkpoint with resume=auto (trainer.save_steps sets how often they are written)"
             ) from error
         self.faults_in_a_row += 1
@@ -422,7 +450,8 @@ def train(cfg: DictConfig) -> Path:
     model_path = resolve_model_path(cfg.model.name_or_path)
     check_model(model_path, cfg.model, cfg.rollout)
     sampler = PromptSampler(load_task_prompts(cfg, model_path), seed=cfg.trainer.seed)
-    connect(cfg.cluster.address, cfg.cluster.rollout_cpus + cfg.cluster.learner_cpus + cfg.reward.num_workers)
+    cluster = cfg.cluster
+    connect(cluster.address, cluster.rollout_cpus + cluster.learner_cpus * cluster.learner_workers + cfg.reward.num_workers)
     actors = Actors.create(cfg, model_path)
     schedule = (OneStepAhead if cfg.trainer.async_steps else OnPolicy)(actors, sampler, prompts_per_step, cfg.trainer.seed)
     run = Run(cfg, actors, schedule, run_dir)

@@ -319,7 +319,7 @@ class NcclSync(WeightSync):
     restartable = False
 
     def connect(self, rollout: Any, learner: Any, timeout_s: float) -> None:
-        host, port = get(learner.weight_group_address.remote(), "LearnerActor.weight_group_address", timeout_s)
+        host, port = get(learner.rendezvous_address.remote(), "LearnerActor.rendezvous_address", timeout_s)
         spec = learner.adapter_spec.remote()
         joined = [learner.join_weight_group.remote(host, port, 2), rollout.join_weight_group.remote(host, port, 2, spec)]
         get(joined, "LearnerActor/RolloutActor.join_weight_group", timeout_s)

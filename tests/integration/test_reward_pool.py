@@ -11,7 +11,8 @@ import pytest
 import ray
 import torch
 
-from grpo_ray.actors.reward import RewardActor, RewardPool, _RemoteRewardActor, group_ranges
+from grpo_ray.actors.reward import RewardActor, RewardPool, _RemoteRewardActor
+from grpo_ray.parallel import group_ranges
 from grpo_ray.config import RewardConfig, TaskConfig
 from grpo_ray.rewards import RewardLoadError
 from grpo_ray.rewards.scoring import combine_scores

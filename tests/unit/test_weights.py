@@ -254,7 +254,10 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout=vllm", "cluster=single_gpu", "model.quantization=nf4"], "not built yet: set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1"], "rollout.release_memory=false"),
      (["trainer.sync_check_interval=-1"], "sync_check_interval must be >= 0"),
-     (["trainer.sequence_chunk_tokens=-8"], "sequence_chunk_tokens must be >= 0")],
+     (["trainer.sequence_chunk_tokens=-8"], "sequence_chunk_tokens must be >= 0"),
+     (["rollout=vllm", "cluster=single_gpu", "cluster.learner_workers=2"], "and 1 with cluster=single_gpu"),
+     (["cluster.learner_workers=9"], "at most the prompts of a step \\(8: "),
+     (["cluster.learner_workers=0"], "needs at least 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
