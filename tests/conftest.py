@@ -42,6 +42,30 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def run_ranks(target, world_size: int = 2) -> list:
+    """Run `target(rank, port, queue)` in `world_size` spawned processes (a process group's ranks
+    meeting on a free local port); returns what they put on the queue, once all exited cleanly."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, port, queue)) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0] * world_size
+    results = []
+    while not queue.empty():
+        results.append(queue.get(timeout=5))
+    return results
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

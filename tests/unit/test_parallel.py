@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from grpo_ray.parallel import LearnerGroup
+from tests.conftest import run_ranks
 
 
 def test_workers_take_contiguous_whole_groups_and_cover_the_batch():
@@ -42,17 +40,8 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 def test_two_workers_sum_gradients_and_values_and_gather():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
+    results = sorted(run_ranks(_worker))
+    assert [rank for rank, *_ in results] == [0, 1]
     for _, a, b, summed, gathered in results:
         assert a == [[3.0] * 3] * 2 and b == [0.0, 1.0, 2.0, 3.0]
         assert summed == [3.0, 20.0] and gathered == [0, 1]

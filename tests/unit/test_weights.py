@@ -7,17 +7,15 @@ plain CPU tensors laid out as vLLM lays them out, which is what the view-buildin
 
 from __future__ import annotations
 
-import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from grpo_ray import weights as w
 from grpo_ray.actors import vllm_backend as vb
 from grpo_ray.config import ConfigError, load_config
+from tests.conftest import run_ranks
 from tests.unit.test_vllm_backend import LAYOUT, PACKED, FakeEngine, peft_tensors
 
 
@@ -98,20 +96,7 @@ def _gloo_rank(rank: int, port: int, queue) -> None:
 
 
 def test_buckets_cross_a_real_process_group():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(rank, port, queue)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert queue.get(timeout=5) is True
+    assert run_ranks(_gloo_rank) == [True]
 
 
 # --- the learner's model on the engine's weights -------------------------------------------------
