@@ -29,6 +29,7 @@ from grpo_ray.parallel import LearnerGroup
 from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
     adapter_tensors,
+    bucket_numel,
     check_version,
     engine_values,
     export_adapter,
@@ -133,9 +134,9 @@ class LearnerActor:
 
     def broadcast_weights(self) -> None:
         """NCCL path: broadcast A and B·α/r (the engine's layout) in buckets of cluster.nccl_bucket_mb."""
-        lora = self.cfg.model.lora
-        values = engine_values(adapter_tensors(self.model), lora.alpha / lora.r, torch_dtype(self.cfg.model.dtype, "cuda"))
-        send_buckets(values, self.weight_group, self.cfg.cluster.nccl_bucket_mb * 2**20 // values[0].element_size())
+        lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
+        values = engine_values(adapter_tensors(self.model), lora.alpha / lora.r, dtype)
+        send_buckets(values, self.weight_group, bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype))
         torch.cuda.current_stream().synchronize()
 
     def adapter_files(self) -> dict[str, bytes]:

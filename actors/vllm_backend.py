@@ -47,6 +47,7 @@ from grpo_ray.types import AdapterWeights
 from grpo_ray.weights import (
     PEFT_PREFIX,
     adapter_pairs,
+    bucket_numel,
     engine_values,
     open_shared_tensors,
     receive_buckets,
@@ -152,6 +153,11 @@ def write_plan(
             )
         plan.append((module, s, a_name, b_name))
     return plan
+
+
+def plan_targets(plan: list[tuple[str, int, str, str]]) -> tuple[list[str], list[int]]:
+    """The (engine modules, slices) of a write plan, as the worker's write paths take them."""
+    return [module for module, _, _, _ in plan], [s for _, s, _, _ in plan]
 
 
 def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: bool = False) -> dict[str, Any]:
@@ -328,7 +334,7 @@ class VLLMBackend:
         lora = cfg.model.lora
         self.scale = lora.alpha / lora.r
         self.dtype = torch_dtype(cfg.model.dtype, "cuda")
-        self.bucket_numel = cfg.cluster.nccl_bucket_mb * 2**20 // self.dtype.itemsize
+        self.bucket_numel = bucket_numel(cfg.cluster.nccl_bucket_mb, self.dtype)
         self.release_memory = release_memory
         self.timings: dict[str, float] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="grpo_ray_vllm_")
@@ -377,14 +383,21 @@ class VLLMBackend:
             self._plan = write_plan(tensors, self.layout, self.packed)
         return self._plan
 
+    def _plan_of_shapes(self, shapes: dict[str, list[int]]) -> list[tuple[str, int, str, str]]:
+        """`_plan_for` an adapter known by its shapes only (name -> shape), without its values."""
+        return self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
+
+    @property
+    def _dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
     def load_adapter(self, weights: AdapterWeights) -> None:
         """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no reload)."""
         plan = self._plan_for(weights.tensors)
         values = engine_values(weights.tensors, self.scale, self.dtype)
         payload = torch.cat([m.reshape(-1) for m in values]).view(torch.uint8).numpy().tobytes()
         self.llm.collective_rpc("grpo_write_lora", args=(
-            LORA_ID, [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], [list(m.shape) for m in values],
-            str(self.dtype).removeprefix("torch."), payload,
+            LORA_ID, *plan_targets(plan), [list(m.shape) for m in values], self._dtype_name, payload,
         ))  # fmt: skip
         self._serve_version(weights.version)
 
@@ -394,10 +407,10 @@ class VLLMBackend:
 
     def map_adapter(self, payload: bytes, shapes: dict[str, list[int]]) -> int:
         """CUDA-IPC path, once: the engine maps the learner's LoRA tensors (`shapes`: name -> shape)."""
-        plan = self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
+        plan = self._plan_of_shapes(shapes)
         names = [n for _, _, a, b in plan for n in (a, b)]
         return self.llm.collective_rpc("grpo_map_adapter", args=(
-            LORA_ID, [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], names, payload, self.scale,
+            LORA_ID, *plan_targets(plan), names, payload, self.scale,
         ))[0]  # fmt: skip
 
     def pull_adapter(self, version: int) -> None:
@@ -407,16 +420,15 @@ class VLLMBackend:
 
     def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:
         """NCCL path, once: join the learner's group as rank 1; `shapes` (name -> shape) fixes the plan."""
-        plan = self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
-        values = [shape for _, _, a, b in plan for shape in (shapes[a], shapes[b])]
-        self._received = ([m for m, _, _, _ in plan], [s for _, s, _, _ in plan], values)
+        plan = self._plan_of_shapes(shapes)
+        self._received = (*plan_targets(plan), [shape for _, _, a, b in plan for shape in (shapes[a], shapes[b])])
         self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, 1, world_size))
 
     def receive_adapter(self, version: int) -> None:
         """NCCL path, each step: receive the learner's broadcast into the engine's LoRA buffers."""
         modules, slices, shapes = self._received
         self.llm.collective_rpc("grpo_receive_adapter", args=(
-            LORA_ID, modules, slices, shapes, str(self.dtype).removeprefix("torch."), self.bucket_numel,
+            LORA_ID, modules, slices, shapes, self._dtype_name, self.bucket_numel,
         ))  # fmt: skip
         self._serve_version(version)
 

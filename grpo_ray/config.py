@@ -306,6 +306,10 @@ def _validate_placement(cfg: DictConfig) -> None:
             "frees its KV cache during training (rollout.release_memory=true): set trainer.async_steps=0, or "
             "rollout.release_memory=false to keep both in memory and overlap them"
         )
+    gpus = cfg.cluster.rollout_gpus + cfg.cluster.learner_gpus
+    if placement == "colocate" and gpus > 1:
+        raise ConfigError(f"cluster.placement=colocate shares one GPU: cluster.rollout_gpus + cluster.learner_gpus "
+                          f"must be at most 1, got {gpus:g}")  # fmt: skip
     workers = cfg.cluster.learner_workers
     prompts = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps // cfg.rollout.num_generations
     if workers < 1 or (placement == "colocate" and workers > 1) or prompts < workers:

@@ -43,17 +43,16 @@ class Interrupted(Exception):
 # --- actors ------------------------------------------------------------------------------
 
 
-def actor_options(cfg: DictConfig, sync: WeightSync, timeout_s: float) -> tuple[dict, dict, Any]:
+def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_s: float) -> tuple[dict, dict, Any]:
     """Ray options of the rollout and the learner, and the placement group that holds them (or None).
 
     cluster=single_gpu puts both in one bundle of one GPU (fractional GPUs: the same device);
-    sync paths that tie the learner to the engine (CUDA IPC, NCCL), and data-parallel learners,
-    cannot restart one actor alone.
+    actors that cannot restart alone (`Actors.restartable`) get no Ray restarts.
     """
     import ray
 
     cluster = cfg.cluster
-    restarts = cfg.trainer.max_recoveries if sync.restartable and cluster.learner_workers == 1 else 0
+    restarts = cfg.trainer.max_recoveries if restartable else 0
     rollout = dict(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus, max_restarts=restarts)
     learner = dict(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus, max_restarts=restarts)
     if sync.shares_base:  # expandable segments would make the weights impossible to export
@@ -64,10 +63,7 @@ def actor_options(cfg: DictConfig, sync: WeightSync, timeout_s: float) -> tuple[
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    gpus, cpus = cluster.rollout_gpus + cluster.learner_gpus, cluster.rollout_cpus + cluster.learner_cpus
-    if gpus > 1:
-        raise ConfigError(f"cluster.placement=colocate shares one GPU: cluster.rollout_gpus + cluster.learner_gpus "
-                          f"must be at most 1, got {gpus:g}")  # fmt: skip
+    cpus = cluster.rollout_cpus + cluster.learner_cpus
     group = placement_group([{"GPU": 1, "CPU": cpus}])
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -87,6 +83,8 @@ class Actors:
     learners: list[Any]  # cluster.learner_workers data-parallel workers; rank 0 first
     timeout_s: float
     sync: WeightSync
+    # whether one actor can be restarted alone: not when tied to the engine or to other learners
+    restartable: bool
     placement_group: Any = None
     info: dict[str, dict] = field(default_factory=dict)  # name -> ready(): pid, node, version
 
@@ -94,11 +92,6 @@ class Actors:
     def learner(self) -> Any:
         """Rank 0: the learner that exports weights and writes checkpoints (all hold the same)."""
         return self.learners[0]
-
-    @property
-    def restartable(self) -> bool:
-        """Whether one actor can be restarted alone: not when tied to the engine or to other learners."""
-        return self.sync.restartable and len(self.learners) == 1
 
     @classmethod
     def create(cls, cfg: DictConfig, model_path: str) -> "Actors":
@@ -119,9 +112,11 @@ class Actors:
             check_ipc_allocator()
         # first: a bad reward-function path fails before any model loads
         rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=cfg.trainer.max_recoveries)
-        rollout_options, learner_options, group = actor_options(cfg, sync, timeout)
+        restartable = sync.restartable and cfg.cluster.learner_workers == 1
+        rollout_options, learner_options, group = actor_options(cfg, sync, restartable, timeout)
         rollout = ray.remote(RolloutActor).options(**rollout_options).remote(cfg, model_path, device)
-        actors = cls(rollout=rollout, rewards=rewards, learners=[], timeout_s=timeout, sync=sync, placement_group=group)
+        actors = cls(rollout=rollout, rewards=rewards, learners=[], timeout_s=timeout, sync=sync,
+                     restartable=restartable, placement_group=group)  # fmt: skip
         try:
             shared = None
             if sync.shares_base:

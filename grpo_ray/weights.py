@@ -39,9 +39,7 @@ class StaleRolloutError(RuntimeError):
 
 def export_adapter(model: torch.nn.Module, version: int) -> AdapterWeights:
     """The LoRA tensors of a peft model (adapter only, detached copies) stamped with `version`."""
-    from peft import get_peft_model_state_dict
-
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
     return AdapterWeights(version=version, tensors=tensors)
 
 
@@ -114,6 +112,11 @@ class Broadcaster(Protocol):
     """What the bucket functions need of a communicator: vLLM's PyNcclCommunicator, or gloo in tests."""
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> Any: ...
+
+
+def bucket_numel(bucket_mb: int, dtype: torch.dtype) -> int:
+    """Elements of `dtype` in a bucket of cluster.nccl_bucket_mb MiB (sender and receiver must agree)."""
+    return bucket_mb * 2**20 // dtype.itemsize
 
 
 def bucket_ranges(numels: list[int], bucket_numel: int) -> list[tuple[int, int]]:

@@ -185,7 +185,7 @@ def test_expandable_segments_are_refused_for_ipc(monkeypatch):
 
 def plan_args(tensors):
     plan = vb.write_plan(tensors, LAYOUT, PACKED)
-    return [m for m, _, _, _ in plan], [s for _, s, _, _ in plan], [n for _, _, a, b in plan for n in (a, b)]
+    return (*vb.plan_targets(plan), [n for _, _, a, b in plan for n in (a, b)])
 
 
 def test_ipc_path_pulls_the_learners_current_tensors_each_time(monkeypatch):
@@ -242,7 +242,8 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["trainer.sequence_chunk_tokens=-8"], "sequence_chunk_tokens must be >= 0"),
      (["rollout=vllm", "cluster=single_gpu", "cluster.learner_workers=2"], "and 1 with cluster=single_gpu"),
      (["cluster.learner_workers=9"], "at most the prompts of a step \\(8: "),
-     (["cluster.learner_workers=0"], "needs at least 1")],
+     (["cluster.learner_workers=0"], "needs at least 1"),
+     (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
