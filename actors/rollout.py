@@ -31,7 +31,7 @@ class Generation:
 
 
 class Backend(Protocol):
-    timings: dict[str, float]  # time/* of the last generate beyond sampling itself (sleep mode)
+    timings: dict[str, float]  # time/* beyond sampling itself: sleep mode, the last CUDA-IPC pull
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Generation]]: ...
     def load_adapter(self, weights: AdapterWeights) -> None: ...

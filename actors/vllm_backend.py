@@ -272,16 +272,16 @@ class LoRAWriterExtension:
         sources = open_shared_tensors(payload)
         src = [sources[name] for name in names]
         dst = self._grpo_slot_views(lora_id, modules, slices, [list(t.shape) for t in src])
-        self._grpo_mapped = (dst[0::2], src[0::2], dst[1::2], src[1::2], scale)
+        self._grpo_pull = AdapterCopy(dst[0::2], src[0::2], dst[1::2], src[1::2], scale)
         return len(dst)
 
-    def grpo_pull_adapter(self) -> int:
-        """CUDA-IPC path, each step: A and B·α/r from the learner's tensors into the slot, on the device."""
-        dst_a, src_a, dst_b, src_b, scale = self._grpo_mapped
-        torch._foreach_copy_(dst_a, src_a)
-        torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, scale))
-        _written(dst_a[0])
-        return 2 * len(dst_a)
+    def grpo_pull_adapter(self) -> float:
+        """CUDA-IPC path, each step: A and B·α/r from the learner's tensors into the slot, on the
+        device; returns the seconds the copy took in the worker (launch to stream synchronized)."""
+        start = time.perf_counter()
+        self._grpo_pull()
+        _written(self._grpo_pull.dst_a[0])
+        return time.perf_counter() - start
 
     def grpo_join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """NCCL path, once: join the learner's broadcast group (the learner is rank 0)."""
@@ -297,6 +297,43 @@ class LoRAWriterExtension:
             torch._foreach_copy_(dst[start : start + len(parts)], parts)
         _written(dst[0])
         return len(dst)
+
+
+class AdapterCopy:
+    """The CUDA-IPC pull: A and B·α/r (scaled at the source's precision) into the slot's views.
+
+    Sources (fp32, the learner's) and the slot's strided views (bf16) differ in dtype and layout,
+    so the foreach ops fall back to one kernel per tensor: ~500 launches, ~2.5 ms on a 0.5B model.
+    The addresses never change (the learner updates its tensors in place; the slot stays), so on
+    CUDA the copy is captured once as a graph and each pull is one replay. The tensors are held
+    here: the graph reads their addresses, and the learner's stay mapped only while referenced.
+    """
+
+    def __init__(self, dst_a: list[torch.Tensor], src_a: list[torch.Tensor], dst_b: list[torch.Tensor],
+                 src_b: list[torch.Tensor], scale: float) -> None:  # fmt: skip
+        self.dst_a, self.src_a, self.dst_b, self.src_b, self.scale = dst_a, src_a, dst_b, src_b, scale
+        self.graph = self._capture() if dst_a[0].is_cuda else None
+
+    def _copy(self) -> None:
+        torch._foreach_copy_(self.dst_a, self.src_a)
+        torch._foreach_copy_(self.dst_b, torch._foreach_mul(self.src_b, self.scale))
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
+            self._copy()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._copy()
+        return graph
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self._copy()
+        else:
+            self.graph.replay()
 
 
 def _written(tensor: torch.Tensor) -> None:
@@ -363,6 +400,7 @@ class VLLMBackend:
         (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
         save_file(tensors, str(root / "adapter" / "adapter_model.safetensors"))
         self.adapter_dir = str(root / "adapter")
+        self._writes = 0  # values written into the slot so far: each is served under a new name
         self._serve_version(0)
         self.llm.llm_engine.add_lora(self.lora_request)
         self.llm.llm_engine.pin_lora(LORA_ID)
@@ -372,10 +410,13 @@ class VLLMBackend:
             self.llm.sleep(level=1)
 
     def _serve_version(self, version: int) -> None:
-        """Serve the slot's current values under a name of their own (new KV-block hashes, same slot)."""
+        """Serve the slot's current values under a name never used before: new KV-block hashes, same
+        slot. Named per write, not per version: a retried step or a restored checkpoint writes a
+        version number again with other values, and the cached blocks of the old ones must not match."""
         from vllm.lora.request import LoRARequest
 
-        self.lora_request = LoRARequest(f"grpo_ray-v{version}", LORA_ID, self.adapter_dir)
+        self._writes += 1
+        self.lora_request = LoRARequest(f"grpo_ray-v{version}-w{self._writes}", LORA_ID, self.adapter_dir)
 
     def _plan_for(self, tensors: dict[str, Any]) -> list[tuple[str, int, str, str]]:
         """The write plan of an adapter with these names and shapes (kept while they stay the same)."""
@@ -395,7 +436,7 @@ class VLLMBackend:
         """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no reload)."""
         plan = self._plan_for(weights.tensors)
         values = engine_values(weights.tensors, self.scale, self.dtype)
-        payload = torch.cat([m.reshape(-1) for m in values]).view(torch.uint8).numpy().tobytes()
+        payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
         self.llm.collective_rpc("grpo_write_lora", args=(
             LORA_ID, *plan_targets(plan), [list(m.shape) for m in values], self._dtype_name, payload,
         ))  # fmt: skip
@@ -414,8 +455,12 @@ class VLLMBackend:
         ))[0]  # fmt: skip
 
     def pull_adapter(self, version: int) -> None:
-        """CUDA-IPC path, each step: the engine copies the learner's current adapter on the device."""
-        self.llm.collective_rpc("grpo_pull_adapter")
+        """CUDA-IPC path, each step: the engine copies the learner's current adapter on the device.
+        Its parts go to the next rollout's metrics: `time/sync_engine` (this call, the engine's RPC
+        included) and `time/sync_copy` (the copy in the worker)."""
+        start = time.perf_counter()
+        self.timings["time/sync_copy"] = self.llm.collective_rpc("grpo_pull_adapter")[0]
+        self.timings["time/sync_engine"] = time.perf_counter() - start
         self._serve_version(version)
 
     def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:

@@ -6,6 +6,8 @@ steps on a random-weight model (scripts/random_model.py) with LoRA r=16 on all l
 and reports, side by side:
 - sync latency: the trainer's `time/sync` per step, from the learner's finished optimizer step
   to the engine holding the new adapter (the next generate uses it), p50 / p95 over the steps;
+  with CUDA IPC also its parts on the rollout's side: the engine call (`time/sync_engine`,
+  vLLM's collective_rpc included) and the copy in the worker (`time/sync_copy`);
 - memory: device memory used by all processes (nvidia-smi, sampled every 0.2 s through the
   run, max), per process (max), and the learner's torch peak (`memory/learner_peak_gib`).
 Prints one JSON line per run, then a Markdown table.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -55,29 +58,39 @@ def _smi(query: list[str]) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
-def run(model_dir: Path, path: str, steps: int, out: Path, extra: list[str]) -> dict:
-    """One training run with `cluster.weight_sync=path`; its sync times and memory."""
+def percentiles(values_s: list[float]) -> tuple[float, float]:
+    """p50 and p95 of seconds, in ms."""
+    ms = sorted(v * 1e3 for v in values_s)
+    return round(statistics.median(ms), 2), round(ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], 2)
+
+
+def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) -> dict:
+    """One training run with `cluster.weight_sync=path` (variant `path` or `path:inproc`, the
+    latter with vLLM's EngineCore in the rollout actor's process); its sync times and memory."""
+    path, _, mode = variant.partition(":")
+    env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if mode == "inproc" else {})}
     overrides = [
         f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm", "cluster=single_gpu",
         f"cluster.weight_sync={path}", "task=arithmetic", f"trainer.max_steps={steps}", "rollout.num_generations=4",
         "rollout.max_completion_length=16", "trainer.per_device_train_batch_size=16", "model.lora.r=16",
         "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
-        f"logging.output_dir={out}", f"logging.run_name={path}", *extra,
+        f"logging.output_dir={out}", f"logging.run_name={variant.replace(':', '_')}", *extra,
     ]  # fmt: skip
     sampler = GpuMemorySampler()
     sampler.start()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True)
+    subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
     wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
-    records = read_metrics(out / path)
-    sync_ms = sorted(r["time/sync"] * 1e3 for r in records)
+    records = read_metrics(out / variant.replace(':', '_'))
+    parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
+             for name in ("sync", "sync_engine", "sync_copy") if any(f"time/{name}" in r for r in records)}  # fmt: skip
     return {
-        "bench": "sync", "model": model_dir.name, "weight_sync": path, "steps": len(records), "wall_s": round(wall, 1),
-        "sync_ms_p50": round(statistics.median(sync_ms), 2),
-        "sync_ms_p95": round(sync_ms[min(len(sync_ms) - 1, round(0.95 * (len(sync_ms) - 1)))], 2),
-        "sync_ms_min": round(sync_ms[0], 2), "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
+        "bench": "sync", "model": model_dir.name, "weight_sync": variant, "steps": len(records), "wall_s": round(wall, 1),
+        **{f"{name}_ms_p50_p95": value for name, value in parts.items()},
+        "sync_ms_min": round(min(r["time/sync"] for r in records) * 1e3, 2),
+        "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
         "gpu_used_gib_max": round(sampler.total_mib / 1024, 2),
         "per_process_gib_max": sorted((round(v / 1024, 2) for v in sampler.per_pid_mib.values()), reverse=True),
         "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
@@ -88,7 +101,8 @@ def run(model_dir: Path, path: str, steps: int, out: Path, extra: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"])
-    parser.add_argument("--paths", nargs="+", default=["cuda_ipc", "object_store"])
+    parser.add_argument("--paths", nargs="+", default=["cuda_ipc", "object_store"],
+                        help="cluster.weight_sync values; PATH:inproc runs vLLM's EngineCore in the rollout's process")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "grpo_ray_models")
     args, extra = parser.parse_known_args()
@@ -100,11 +114,13 @@ def main() -> None:
         for path in args.paths:
             results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
             print(json.dumps(results[-1]), flush=True)
-    print("\n| model | weight_sync | sync p50 / p95 ms | step p50 s | GPU used max GiB | per process GiB | learner peak GiB |")
-    print("|---|---|---:|---:|---:|---|---:|")
+    print("\n| model | weight_sync | sync p50 / p95 ms | of which engine call / copy p50 ms | step p50 s | "
+          "GPU used max GiB | per process GiB | learner peak GiB |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
     for r in results:
-        print(f"| {r['model']} | {r['weight_sync']} | {r['sync_ms_p50']} / {r['sync_ms_p95']} | {r['step_s_p50']} | "
-              f"{r['gpu_used_gib_max']} | {r['per_process_gib_max']} | {r['learner_peak_gib']} |")  # fmt: skip
+        engine, copy = (r.get(f"{name}_ms_p50_p95", ("-",))[0] for name in ("sync_engine", "sync_copy"))
+        print(f"| {r['model']} | {r['weight_sync']} | {' / '.join(map(str, r['sync_ms_p50_p95']))} | {engine} / {copy} | "
+              f"{r['step_s_p50']} | {r['gpu_used_gib_max']} | {r['per_process_gib_max']} | {r['learner_peak_gib']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from grpo_ray.cli import main
 from grpo_ray.config import load_config, to_yaml
 from grpo_ray.evaluate import EvalError
 from grpo_ray.export import export_merged
-from grpo_ray.models import add_lora, load_model
+from grpo_ray.models import ModelLoadError, add_lora, load_model
 
 
 def make_run(model_dir, run_dir, *overrides: str):
@@ -94,9 +94,14 @@ def test_export_of_a_bare_adapter_finds_its_base_model(run_dir, reference, tmp_p
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), ids), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_export_refuses_a_qlora_run_and_a_folder_without_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the QLoRA merge runs: tests/gpu/test_export_gpu.py")
+def test_export_of_a_qlora_run_without_a_gpu_names_what_it_needs(tiny_model_dir, tmp_path):
     run = make_run(tiny_model_dir, tmp_path / "qlora", "model.quantization=nf4")
-    with pytest.raises(EvalError, match="QLoRA"):
+    with pytest.raises(ModelLoadError, match=r"model.quantization=nf4 \(QLoRA\) needs a CUDA device"):
         export_merged(run)
+    assert not (run / "final" / "merged").exists()
+
+
+def test_export_refuses_a_folder_without_adapter(tmp_path):
     with pytest.raises(EvalError, match="neither a run directory"):
         export_merged(tmp_path)

@@ -213,3 +213,24 @@ def test_engine_args_follow_the_config_and_sleep_only_when_releasing_memory():
     assert args["max_model_len"] == 128 and args["gpu_memory_utilization"] == 0.2 and args["seed"] == 7
     assert args["logprobs_mode"] == "processed_logprobs" and args["distributed_executor_backend"] == "uni"
     assert not args["enable_sleep_mode"] and vb.engine_args(cfg, "/m", "/m/tok", release_memory=True)["enable_sleep_mode"]
+
+
+def test_each_write_is_served_under_a_new_name_even_for_a_version_seen_before(monkeypatch):
+    """A retried step or a restored checkpoint writes a version number again with other values:
+    its name must differ, or vLLM's prefix cache would serve KV blocks of the old values."""
+    import sys
+
+    request = SimpleNamespace(LoRARequest=lambda name, lora_id, path: SimpleNamespace(lora_name=name, lora_int_id=lora_id))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    engine = FakeEngine()
+    backend = object.__new__(vb.VLLMBackend)
+    layout = engine.collective_rpc("grpo_lora_layout")[0]
+    backend.llm, backend.scale, backend.dtype, backend._plan, backend._writes = engine, 4.0, torch.bfloat16, None, 0
+    backend.layout, backend.packed, backend.adapter_dir = layout["modules"], layout["packed"], "unused"
+    tensors = peft_tensors(r=4)
+    names = []
+    for values in (tensors, {k: -v for k, v in tensors.items()}, tensors):
+        backend.load_adapter(AdapterWeights(version=3, tensors=values))
+        names.append(backend.lora_request.lora_name)
+        assert backend.lora_request.lora_int_id == vb.LORA_ID  # the same slot
+    assert len(set(names)) == 3 and all("v3" in name for name in names)
