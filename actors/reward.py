@@ -1,14 +1,16 @@
 """Reward scoring on CPU actors: RewardActor (one process, some groups) and RewardPool (the driver's side).
 
-One step: the driver hands `RewardPool.score` the ObjectRef of a Rollout; the pool asks each
-actor for a contiguous range of groups, passing the ref itself (Ray resolves it in the actor's
-process, so the batch never travels through the driver), and returns the ref of the first
-actor's call that combines the parts into a ScoredRollout, which the learner takes as is.
+One step: the driver hands `RewardPool.score` the ObjectRefs of a step's Rollout (one share per
+rollout engine); the pool asks each actor for a contiguous range of groups, passing the refs
+themselves (Ray resolves them in the actor's process, so the batch never travels through the
+driver), and returns the ref of the first actor's call that combines the parts into a
+ScoredRollout, which the learner takes as is.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 from ray import ObjectRef
@@ -37,16 +39,19 @@ class RewardActor:
         """The reward names: answers once the functions loaded, so the pool can wait for it."""
         return self.names
 
-    def score(self, rollout: Rollout, start: int, stop: int) -> RewardScores:
-        """Scores of groups [start, stop) of `rollout` (see `score_rollout`)."""
-        return score_rollout(rollout.group_slice(start, stop), self.funcs, self.timeout_s)
+    def score(self, start: int, stop: int, *rollouts: Rollout) -> RewardScores:
+        """Scores of groups [start, stop) of the step's rollout, given as the engines' shares in
+        order (see `score_rollout`)."""
+        return score_rollout(Rollout.concat(rollouts).group_slice(start, stop), self.funcs, self.timeout_s)
 
-    def combine(self, rollout: Rollout, reward_names: list[str], reward_weights: list[float] | None,
-                scale_rewards: str, *parts: RewardScores) -> ScoredRollout:  # fmt: skip
-        """combine_scores of every actor's part; the parts are top-level arguments, which Ray
-        resolves from their refs. In an actor that already runs (and imported torch): a task of
-        its own would need a fresh worker process each step when the actors hold every CPU."""
-        return combine_scores(rollout, parts, reward_names, reward_weights, scale_rewards)
+    def combine(self, reward_names: list[str], reward_weights: list[float] | None, scale_rewards: str,
+                num_parts: int, *parts_then_rollouts: Any) -> ScoredRollout:  # fmt: skip
+        """combine_scores of every actor's part over the step's rollout (the engines' shares joined).
+        Parts and shares are top-level arguments, which Ray resolves from their refs. In an actor
+        that already runs (and imported torch): a task of its own would need a fresh worker
+        process each step when the actors hold every CPU."""
+        parts, rollouts = parts_then_rollouts[:num_parts], parts_then_rollouts[num_parts:]
+        return combine_scores(Rollout.concat(rollouts), parts, reward_names, reward_weights, scale_rewards)
 
 
 class _RemoteRewardActor(RewardActor):
@@ -71,8 +76,8 @@ class _RemoteRewardActor(RewardActor):
             raise self._load_error
         return super().ready()
 
-    def score(self, rollout: Rollout, start: int, stop: int) -> RewardScores:
-        scores = super().score(rollout, start, stop)
+    def score(self, start: int, stop: int, *rollouts: Rollout) -> RewardScores:
+        scores = super().score(start, stop, *rollouts)
         scores.restarts, self._restarted = int(self._restarted), False
         return scores
 
@@ -114,17 +119,19 @@ class RewardPool:
             self.shutdown()
             raise
 
-    def score(self, rollout_ref: ObjectRef, num_groups: int) -> ObjectRef:
-        """The ref of the ScoredRollout of the Rollout at `rollout_ref`, which has num_groups groups.
+    def score(self, rollout_refs: Sequence[ObjectRef], num_groups: int) -> ObjectRef:
+        """The ref of the ScoredRollout of a step's rollout of num_groups groups, which arrives as
+        the refs of its shares (one per rollout engine, in order).
 
-        Groups are split in contiguous ranges, one per actor; each actor resolves the ref itself.
+        Groups are split in contiguous ranges, one per actor; each actor resolves the refs itself.
         """
         parts = [
-            actor.score.remote(rollout_ref, start, stop)
+            actor.score.remote(start, stop, *rollout_refs)
             for actor, (start, stop) in zip(self.actors, group_ranges(num_groups, len(self.actors)))
         ]
         combiner = self.actors[0]
-        return combiner.combine.remote(rollout_ref, self.reward_names, self.reward_weights, self.scale_rewards, *parts)
+        return combiner.combine.remote(self.reward_names, self.reward_weights, self.scale_rewards, len(parts), *parts,
+                                       *rollout_refs)  # fmt: skip
 
     def shutdown(self) -> None:
         """Kills the actors (an abandoned timed-out reward call dies with its process)."""

@@ -138,9 +138,10 @@ class RolloutActor:
         self.version = version
         return self.version
 
-    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:
-        """NCCL path, once: join the learner's broadcast group."""
-        self.backend.join_weight_group(host, port, world_size, shapes)
+    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]],
+                          rank: int = 1) -> None:  # fmt: skip
+        """NCCL path, once: join the learner's broadcast group as `rank` (the learner is 0)."""
+        self.backend.join_weight_group(host, port, world_size, shapes, rank)
 
     def receive_weights(self, version: int) -> int:
         """NCCL path: receive the learner's adapter (at `version`) by broadcast; returns the version."""

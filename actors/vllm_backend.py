@@ -463,11 +463,11 @@ class VLLMBackend:
         self.timings["time/sync_engine"] = time.perf_counter() - start
         self._serve_version(version)
 
-    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]]) -> None:
-        """NCCL path, once: join the learner's group as rank 1; `shapes` (name -> shape) fixes the plan."""
+    def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]], rank: int) -> None:
+        """NCCL path, once: join the learner's group as `rank`; `shapes` (name -> shape) fixes the plan."""
         plan = self._plan_of_shapes(shapes)
         self._received = (*plan_targets(plan), [shape for _, _, a, b in plan for shape in (shapes[a], shapes[b])])
-        self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, 1, world_size))
+        self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, rank, world_size))
 
     def receive_adapter(self, version: int) -> None:
         """NCCL path, each step: receive the learner's broadcast into the engine's LoRA buffers."""

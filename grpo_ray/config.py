@@ -162,6 +162,9 @@ class ClusterConfig:
     # Data-parallel learner actors (learner_gpus each): each trains on its share of a step's groups,
     # gradients are summed over them, and every one takes the same optimizer step.
     learner_workers: int = 1
+    # Rollout actors (rollout_gpus each): a step's prompts are split over them in contiguous shares,
+    # and every one gets each new adapter. Not with cluster=single_gpu (one engine on the one GPU).
+    rollout_engines: int = 1
     cpu_threads: int = 0  # torch threads per actor on CPU; 0: all cores of the node
     # How the adapter reaches the rollout each step: auto | object_store | cuda_ipc | nccl.
     # auto: cuda_ipc for vllm colocated (one copy of the base weights), nccl for vllm split, else object_store.
@@ -317,6 +320,12 @@ def _validate_placement(cfg: DictConfig) -> None:
             f"cluster.learner_workers={workers}: needs at least 1, at most the prompts of a step ({prompts}: "
             "per_device_train_batch_size × gradient_accumulation_steps / num_generations), and 1 with "
             "cluster=single_gpu (one GPU)"
+        )
+    engines = cfg.cluster.rollout_engines
+    if engines < 1 or (placement == "colocate" and engines > 1) or prompts < engines:
+        raise ConfigError(
+            f"cluster.rollout_engines={engines}: needs at least 1, at most the prompts of a step ({prompts}), and 1 "
+            "with cluster=single_gpu (one GPU)"
         )
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")

@@ -35,8 +35,8 @@ def connect(address: str | None, need_cpus: float) -> None:
     have = ray.cluster_resources().get("CPU", 0)
     if have < need_cpus:
         raise ConfigError(
-            f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus + cluster.learner_cpus × cluster.learner_workers "
-            f"+ reward.num_workers) "
+            f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus × cluster.rollout_engines + "
+            "cluster.learner_cpus × cluster.learner_workers + reward.num_workers) "
             f"but the Ray cluster has {have:g}; lower reward.num_workers or add CPUs"
         )
 
@@ -60,11 +60,13 @@ def stack_dump(info: dict[str, Any] | None) -> str:
 
 
 def wait(ref: Any, what: str, timeout_s: float, info: dict[str, Any] | None = None) -> Any:
-    """Wait until `ref` is ready without fetching it; CallTimeout naming `what` at the deadline."""
+    """Wait until `ref` (or every ref of a list) is ready without fetching it; CallTimeout naming
+    `what` at the deadline. Returns what it was given."""
     import ray
 
-    ready, _ = ray.wait([ref], timeout=timeout_s, fetch_local=False)
-    if not ready:
+    refs = ref if isinstance(ref, list) else [ref]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+    if len(ready) < len(refs):
         raise CallTimeout(f"{what} did not finish within cluster.call_timeout_s={timeout_s:g}s{stack_dump(info)}")
     return ref
 

@@ -27,6 +27,7 @@ from grpo_ray.config import ConfigError, to_yaml, weight_sync_path
 from grpo_ray.data import PromptSampler, drop_long_prompts, load_prompts
 from grpo_ray.metrics import MetricsLogger
 from grpo_ray.models import check_model, load_tokenizer, resolve_model_path
+from grpo_ray.parallel import group_ranges
 from grpo_ray.plots import write_reward_plot
 from grpo_ray.remote import connect, get, wait
 from grpo_ray.weights import WeightSync, check_ipc_allocator, make_weight_sync
@@ -78,7 +79,7 @@ def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_
 
 @dataclass
 class Actors:
-    rollout: Any
+    rollouts: list[Any]  # cluster.rollout_engines engines; a step's prompts are split over them
     rewards: Any  # RewardPool
     learners: list[Any]  # cluster.learner_workers data-parallel workers; rank 0 first
     timeout_s: float
@@ -92,6 +93,11 @@ class Actors:
     def learner(self) -> Any:
         """Rank 0: the learner that exports weights and writes checkpoints (all hold the same)."""
         return self.learners[0]
+
+    @property
+    def rollout(self) -> Any:
+        """The first engine: the one a colocated learner builds on (single_gpu has only one)."""
+        return self.rollouts[0]
 
     @classmethod
     def create(cls, cfg: DictConfig, model_path: str) -> "Actors":
@@ -114,14 +120,15 @@ class Actors:
         rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=cfg.trainer.max_recoveries)
         restartable = sync.restartable and cfg.cluster.learner_workers == 1
         rollout_options, learner_options, group = actor_options(cfg, sync, restartable, timeout)
-        rollout = ray.remote(RolloutActor).options(**rollout_options).remote(cfg, model_path, device)
-        actors = cls(rollout=rollout, rewards=rewards, learners=[], timeout_s=timeout, sync=sync,
+        remote_rollout = ray.remote(RolloutActor).options(**rollout_options)
+        rollouts = [remote_rollout.remote(cfg, model_path, device) for _ in range(cfg.cluster.rollout_engines)]
+        actors = cls(rollouts=rollouts, rewards=rewards, learners=[], timeout_s=timeout, sync=sync,
                      restartable=restartable, placement_group=group)  # fmt: skip
         try:
             shared = None
             if sync.shares_base:
                 actors.refresh_info(["rollout"])
-                shared = rollout.share_weights.remote()
+                shared = actors.rollout.share_weights.remote()
             workers = cfg.cluster.learner_workers
             remote_learner = ray.remote(LearnerActor).options(**learner_options)
             actors.learners = [remote_learner.remote(cfg, model_path, device, shared, rank, workers) for rank in range(workers)]
@@ -130,7 +137,7 @@ class Actors:
                 host, port = get(actors.learner.rendezvous_address.remote(), "LearnerActor.rendezvous_address", timeout)
                 get([w.join_learner_group.remote(host, port) for w in actors.learners], "LearnerActor.join_learner_group",
                     timeout)  # fmt: skip
-            sync.connect(actors.rollout, actors.learner, timeout)
+            sync.connect(actors.rollouts, actors.learner, timeout)
         except BaseException:
             actors.shutdown()
             raise
@@ -142,7 +149,7 @@ class Actors:
 
         deadline = time.monotonic() + self.timeout_s
         for name in names:
-            handles = [self.rollout] if name == "rollout" else self.learners
+            handles = self.rollouts if name == "rollout" else self.learners
             what = f"{name.capitalize()}Actor.__init__ (loading the model)"
             while True:
                 try:
@@ -164,9 +171,16 @@ class Actors:
         refs = [w.load_state_files.remote(files) for w in self.learners]
         return get(refs, "LearnerActor.load_state_files", self.timeout_s)[0]
 
+    def generate(self, rows: list[dict], version: int, seed: int) -> list[Any]:
+        """Refs of the step's rollout, one share per engine: contiguous ranges of `rows`, each engine
+        sampling with a seed of its own (the first keeps `seed`: one engine samples as before)."""
+        ranges = group_ranges(len(rows), len(self.rollouts))
+        return [engine.generate.remote(rows[start:stop], version, seed if k == 0 else (seed * 1_000_003 + k) % 2**62)
+                for k, (engine, (start, stop)) in enumerate(zip(self.rollouts, ranges))]  # fmt: skip
+
     def sync_weights(self, version: int) -> int:
-        """Learner's adapter (at `version`) -> rollout, by the sync path; returns the rollout's new version."""
-        return self.sync.push(self.rollout, self.learner, version, self.timeout_s, self.info.get("rollout"))
+        """Learner's adapter (at `version`) -> every engine, by the sync path; returns their new version."""
+        return self.sync.push(self.rollouts, self.learner, version, self.timeout_s, self.info.get("rollout"))
 
     def shutdown(self) -> None:
         """Stop the actors: the learner first, so that its views of the engine's memory go before the engine."""
@@ -176,10 +190,11 @@ class Actors:
         for learner in self.learners:
             ray.kill(learner)
         try:  # a vLLM engine runs its own process: stop it, then the actor
-            ray.get(self.rollout.close.remote(), timeout=60)
+            ray.get([engine.close.remote() for engine in self.rollouts], timeout=60)
         except Exception:  # a dead or hung rollout is killed all the same
             pass
-        ray.kill(self.rollout)
+        for engine in self.rollouts:
+            ray.kill(engine)
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
 
@@ -203,11 +218,11 @@ class OnPolicy:
         self.calls += 1
         return self.sampler.next_batch(self.prompts_per_step), self.seed * 100_003 + self.calls
 
-    def _launch(self, batch: tuple[list[dict], int], version: int) -> Any:
+    def _launch(self, batch: tuple[list[dict], int], version: int) -> list[Any]:
         rows, seed = batch
-        return self.actors.rollout.generate.remote(rows, version, seed)
+        return self.actors.generate(rows, version, seed)
 
-    def next_rollout(self, version: int) -> Any:
+    def next_rollout(self, version: int) -> list[Any]:
         self.current = self.current or self._draw()
         return self._launch(self.current, version)
 
@@ -228,9 +243,9 @@ class OnPolicy:
 class OneStepAhead(OnPolicy):
     """async_steps=1: the rollout of step k+1 is generated while the learner trains step k."""
 
-    pending: tuple[tuple[list[dict], int], Any] | None = None  # (prompts and seed, ref)
+    pending: tuple[tuple[list[dict], int], list[Any]] | None = None  # (prompts and seed, refs)
 
-    def next_rollout(self, version: int) -> Any:
+    def next_rollout(self, version: int) -> list[Any]:
         if self.pending is not None:
             self.current, ref = self.pending
         else:
@@ -446,7 +461,8 @@ def train(cfg: DictConfig) -> Path:
     check_model(model_path, cfg.model, cfg.rollout)
     sampler = PromptSampler(load_task_prompts(cfg, model_path), seed=cfg.trainer.seed)
     cluster = cfg.cluster
-    connect(cluster.address, cluster.rollout_cpus + cluster.learner_cpus * cluster.learner_workers + cfg.reward.num_workers)
+    connect(cluster.address, cluster.rollout_cpus * cluster.rollout_engines + cluster.learner_cpus * cluster.learner_workers
+            + cfg.reward.num_workers)
     actors = Actors.create(cfg, model_path)
     schedule = (OneStepAhead if cfg.trainer.async_steps else OnPolicy)(actors, sampler, prompts_per_step, cfg.trainer.seed)
     run = Run(cfg, actors, schedule, run_dir)

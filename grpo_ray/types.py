@@ -7,6 +7,7 @@ P prompt tokens, F reward functions, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,26 @@ class Rollout:
     @property
     def num_completions(self) -> int:
         return len(self.completion_ids)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Rollout"]) -> "Rollout":
+        """The groups of several rollouts of one version, in order (the shares of several engines).
+        Metrics: time/* is the slowest part's, counts are summed."""
+        if len({p.version for p in parts}) != 1 or len({p.num_generations for p in parts}) != 1:
+            raise ValueError(f"rollouts of versions {[p.version for p in parts]} and group sizes "
+                             f"{[p.num_generations for p in parts]} cannot form one step")  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
+        metrics: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.metrics.items():
+                before = metrics.get(key)
+                metrics[key] = value if before is None else max(before, value) if key.startswith("time/") else before + value
+        lists = {name: [x for p in parts for x in getattr(p, name)] for name in (
+            "prompts", "prompt_ids", "completion_ids", "completions", "sampling_logprobs", "finish_reasons")}  # fmt: skip
+        columns = {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns}
+        return cls(**lists, columns=columns, num_generations=parts[0].num_generations, version=parts[0].version,
+                   metrics=metrics)  # fmt: skip
 
     def group_slice(self, start: int, stop: int) -> "Rollout":
         """Groups [start, stop) as a Rollout of their own (what a reward actor scores)."""

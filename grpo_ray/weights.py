@@ -282,25 +282,34 @@ def check_ipc_allocator() -> None:
 
 
 class WeightSync:
-    """Moves the learner's adapter to the rollout after each step; `connect` once, `push` per step."""
+    """Moves the learner's adapter to the rollout engines after each step; `connect` once, `push` per step."""
 
     shares_base = False  # the learner maps the engine's base weights instead of loading its own
     restartable = True  # one actor can be restarted alone and synced again
 
-    def connect(self, rollout: Any, learner: Any, timeout_s: float) -> None:
-        """One-time set-up between the two actors (both are ready)."""
+    def connect(self, rollouts: list[Any], learner: Any, timeout_s: float) -> None:
+        """One-time set-up between the engines and the learner (all are ready)."""
 
-    def push(self, rollout: Any, learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
-        """Bring the rollout to the learner's weights of `version` (its current ones); returns the rollout's version."""
+    def push(self, rollouts: list[Any], learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
+        """Bring every engine to the learner's weights of `version` (its current ones); returns their version."""
         raise NotImplementedError
 
 
-class ObjectStoreSync(WeightSync):
-    """The adapter's tensors through Ray's object store (CPU, hf backend, or any placement)."""
+def _same_version(versions: list[int]) -> int:
+    """The engines' one version after a push (they are updated together)."""
+    if len(set(versions)) != 1:
+        raise RuntimeError(f"the rollout engines hold different weight versions after a sync: {versions}")
+    return versions[0]
 
-    def push(self, rollout: Any, learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
-        return get(rollout.update_weights.remote(learner.export_weights.remote()), "RolloutActor.update_weights",
-                   timeout_s, info)  # fmt: skip
+
+class ObjectStoreSync(WeightSync):
+    """The adapter's tensors through Ray's object store (CPU, hf backend, or any placement):
+    exported once, each engine resolves the same ref."""
+
+    def push(self, rollouts: list[Any], learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
+        weights = learner.export_weights.remote()
+        return _same_version(get([r.update_weights.remote(weights) for r in rollouts], "RolloutActor.update_weights",
+                                 timeout_s, info))  # fmt: skip
 
 
 class CudaIpcSync(WeightSync):
@@ -309,28 +318,31 @@ class CudaIpcSync(WeightSync):
     shares_base = True
     restartable = False
 
-    def connect(self, rollout: Any, learner: Any, timeout_s: float) -> None:
-        get(rollout.map_adapter.remote(learner.share_adapter.remote()), "RolloutActor.map_adapter", timeout_s)
+    def connect(self, rollouts: list[Any], learner: Any, timeout_s: float) -> None:
+        (engine,) = rollouts  # one GPU, one engine (config validation)
+        get(engine.map_adapter.remote(learner.share_adapter.remote()), "RolloutActor.map_adapter", timeout_s)
 
-    def push(self, rollout: Any, learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
-        return get(rollout.pull_weights.remote(version), "RolloutActor.pull_weights", timeout_s, info)
+    def push(self, rollouts: list[Any], learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
+        return get(rollouts[0].pull_weights.remote(version), "RolloutActor.pull_weights", timeout_s, info)
 
 
 class NcclSync(WeightSync):
-    """Separate GPUs: the learner broadcasts the adapter in buckets to the engine over NCCL."""
+    """Separate GPUs: the learner (rank 0) broadcasts the adapter in buckets to every engine (ranks
+    1..E) over NCCL, straight into their LoRA slots."""
 
     restartable = False
 
-    def connect(self, rollout: Any, learner: Any, timeout_s: float) -> None:
+    def connect(self, rollouts: list[Any], learner: Any, timeout_s: float) -> None:
         host, port = get(learner.rendezvous_address.remote(), "LearnerActor.rendezvous_address", timeout_s)
-        spec = learner.adapter_spec.remote()
-        joined = [learner.join_weight_group.remote(host, port, 2), rollout.join_weight_group.remote(host, port, 2, spec)]
+        spec, world = learner.adapter_spec.remote(), 1 + len(rollouts)
+        joined = [learner.join_weight_group.remote(host, port, world)]
+        joined += [r.join_weight_group.remote(host, port, world, spec, rank) for rank, r in enumerate(rollouts, 1)]
         get(joined, "LearnerActor/RolloutActor.join_weight_group", timeout_s)
 
-    def push(self, rollout: Any, learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
-        received = rollout.receive_weights.remote(version)
+    def push(self, rollouts: list[Any], learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
+        received = [r.receive_weights.remote(version) for r in rollouts]
         get(learner.broadcast_weights.remote(), "LearnerActor.broadcast_weights", timeout_s)
-        return get(received, "RolloutActor.receive_weights", timeout_s, info)
+        return _same_version(get(received, "RolloutActor.receive_weights", timeout_s, info))
 
 
 SYNC_PATHS: dict[str, Callable[[], WeightSync]] = {

@@ -166,7 +166,7 @@ def score_steps(pool: Any, problems: list[dict[str, Any]], num_actors: int, gene
     done = 0
     for salt in salts:
         rollout = code_rollout(problems, num_actors, generations, salt)
-        scored = ray.get(pool.score(ray.put(rollout), len(rollout.prompts)))
+        scored = ray.get(pool.score([ray.put(rollout)], len(rollout.prompts)))
         scores = scored.rewards_per_func[:, 0].tolist()
         assert all(s == 1.0 for s in scores), f"not every canonical solution passed: {scores}"
         done += len(scores)

@@ -77,12 +77,12 @@ def test_two_actors_score_like_one_process(ray_local):
     rollout = make_rollout()
     pool = make_pool(FUNCS, num_workers=2, weights=WEIGHTS)
     try:
-        scored = ray.get(pool.score(ray.put(rollout), num_groups=5), timeout=60)
+        scored = ray.get(pool.score([ray.put(rollout)], num_groups=5), timeout=60)
     finally:
         pool.shutdown()
 
     local = RewardActor(FUNCS, timeout_s=10.0)
-    expected = combine_scores(rollout, [local.score(rollout, 0, 5)], local.names, WEIGHTS, "group")
+    expected = combine_scores(rollout, [local.score(0, 5, rollout)], local.names, WEIGHTS, "group")
     assert pool.reward_names == ["correctness_reward", "strict_format_reward", "length_reward"]
     torch.testing.assert_close(scored.rewards_per_func, expected.rewards_per_func)
     torch.testing.assert_close(scored.rewards, expected.rewards)
@@ -97,8 +97,8 @@ def test_raising_function_does_not_stop_the_pool(ray_local):
     rollout_ref = ray.put(make_rollout())
     pool = make_pool([BROKEN, GOOD], num_workers=2)
     try:
-        first = ray.get(pool.score(rollout_ref, num_groups=5), timeout=60)
-        second = ray.get(pool.score(rollout_ref, num_groups=5), timeout=60)
+        first = ray.get(pool.score([rollout_ref], num_groups=5), timeout=60)
+        second = ray.get(pool.score([rollout_ref], num_groups=5), timeout=60)
     finally:
         pool.shutdown()
 
@@ -148,7 +148,7 @@ def test_code_rewards_score_with_one_warm_sandbox_per_actor(ray_local):
     pool = make_pool(CODE_FUNCS, num_workers=2)
     try:
         rollout_ref = ray.put(make_code_rollout())
-        scored = [ray.get(pool.score(rollout_ref, num_groups=4), timeout=120) for _ in range(2)]
+        scored = [ray.get(pool.score([rollout_ref], num_groups=4), timeout=120) for _ in range(2)]
         pids = ray.get([actor.__ray_call__.remote(lambda actor: os.getpid()) for actor in pool.actors])
         sandboxes = [_sandboxes_of(pid) for pid in pids]
     finally:

@@ -203,3 +203,29 @@ def test_run_writes_tensorboard_samples_and_plot(ray_local, tiny_model_dir, tmp_
     assert {s["step"] for s in samples} == {1, 2, 3} and len(samples) == 6  # step 1, every 2nd, the last
     assert set(samples[0]["rewards"]) == {"vowel_reward", "broken_reward"}
     assert (run_dir / "reward_curves.png").stat().st_size > 10_000
+
+
+def test_two_rollout_engines_share_the_prompts_and_both_get_each_adapter(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.trainer import Actors
+
+    two = ("cluster.rollout_engines=2", "cluster.rollout_cpus=1", "cluster.learner_cpus=0")  # fits Ray's 4 CPUs
+    cfg = load_config(tiny_overrides(tiny_model_dir, tmp_path, *two, "trainer.lr=0.5"))
+    rows = ROWS + [{"prompt": [{"role": "user", "content": "What is 7+1?"}], "answer": "8"}]
+    actors = Actors.create(cfg, str(tiny_model_dir))
+    try:
+        assert actors.sync_weights(0) == 0
+        shares = actors.generate(rows, 0, seed=11)
+        parts = ray.get(shares)
+        assert [len(p.prompts) for p in parts] == [2, 1]  # contiguous shares, in order
+        assert [p.prompts for p in parts] == [[r["prompt"] for r in rows[:2]], [rows[2]["prompt"]]]
+        scored = ray.get(actors.rewards.score(shares, len(rows)))
+        assert scored.rollout.prompts == [r["prompt"] for r in rows] and scored.rollout.num_completions == 12
+        assert scored.rollout.columns["answer"] == ["1", "2", "8"]
+        assert actors.train_step(scored).version == 1
+        assert actors.sync_weights(1) == 1  # both engines took the adapter: each generates at version 1 now
+        assert [p.version for p in ray.get(actors.generate(rows, 1, seed=11))] == [1, 1]
+    finally:
+        actors.shutdown()
+    run_dir = train(load_config(tiny_overrides(tiny_model_dir, tmp_path / "run2", *two, "trainer.max_steps=2")))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["tokens/total"] > 0 for r in records)

@@ -306,3 +306,20 @@ def test_scoring_by_group_ranges_then_combining_equals_scoring_at_once():
     torch.testing.assert_close(split.rewards_per_func, whole.rewards_per_func, equal_nan=True)
     torch.testing.assert_close(split.advantages, whole.advantages)
     torch.testing.assert_close(split.rewards, torch.tensor([3.0, 6.0, 3.0, 4.0]))  # len + 2·len for "x" rows
+
+
+def test_rollouts_of_several_engines_join_in_order_and_slice_back():
+    whole = make_rollout()
+    shares = [whole.group_slice(0, 1), whole.group_slice(1, 2)]
+    shares[0].metrics = {"time/rollout": 1.5, "rollout/prompts_truncated": 1.0}
+    shares[1].metrics = {"time/rollout": 2.5, "rollout/prompts_truncated": 2.0}
+    joined = Rollout.concat(shares)
+    for name in ("prompts", "prompt_ids", "completion_ids", "completions", "sampling_logprobs", "finish_reasons",
+                 "columns", "num_generations", "version"):  # fmt: skip
+        assert getattr(joined, name) == getattr(whole, name), name
+    assert joined.metrics == {"time/rollout": 2.5, "rollout/prompts_truncated": 3.0}  # the slowest; counts add up
+    assert Rollout.concat([whole]) is whole
+    other = make_rollout()
+    other.version = 4
+    with pytest.raises(ValueError, match=r"versions \[3, 4\]"):
+        Rollout.concat([whole, other])

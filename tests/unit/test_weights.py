@@ -7,6 +7,7 @@ plain CPU tensors laid out as vLLM lays them out, which is what the view-buildin
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
@@ -76,9 +77,10 @@ def test_buckets_sent_are_received_as_the_same_tensors():
     assert all(torch.equal(a, b) for a, b in zip(tensors, received)) and len(received) == 4
 
 
-def _gloo_rank(rank: int, port: int, queue) -> None:
-    """One side of a real two-process broadcast over torch.distributed (gloo), as NCCL would run it."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _gloo_rank(rank: int, port: int, queue, world_size: int = 2) -> None:
+    """One rank of a real broadcast over torch.distributed (gloo), as NCCL would run it: rank 0
+    the learner, the others rollout engines."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
     class Gloo:
         def broadcast(self, tensor, src):
@@ -97,6 +99,10 @@ def _gloo_rank(rank: int, port: int, queue) -> None:
 
 def test_buckets_cross_a_real_process_group():
     assert run_ranks(_gloo_rank) == [True]
+
+
+def test_one_broadcast_reaches_every_engine():  # cluster.rollout_engines=2: ranks 1 and 2 receive
+    assert run_ranks(functools.partial(_gloo_rank, world_size=3), world_size=3) == [True, True]
 
 
 # --- the learner's model on the engine's weights -------------------------------------------------
@@ -243,6 +249,9 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout=vllm", "cluster=single_gpu", "cluster.learner_workers=2"], "and 1 with cluster=single_gpu"),
      (["cluster.learner_workers=9"], "at most the prompts of a step \\(8: "),
      (["cluster.learner_workers=0"], "needs at least 1"),
+     (["rollout=vllm", "cluster=single_gpu", "cluster.rollout_engines=2"], "rollout_engines=2: .*and 1 with cluster=single_gpu"),
+     (["cluster.rollout_engines=9"], "rollout_engines=9: .*at most the prompts of a step \\(8\\)"),
+     (["cluster.rollout_engines=0"], "rollout_engines=0: needs at least 1"),
      (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
