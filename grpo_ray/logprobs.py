@@ -46,10 +46,17 @@ class PackedBatch:
         return PackedBatch(**{k: None if t is None else t.to(device) for k, t in vars(self).items()})
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The backbone's keyword arguments: the attention mask when padded, restarting positions when packed."""
-        if self.position_ids is None:
-            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        """The backbone's keyword arguments: the attention mask when padded, restarting positions when packed.
+
+        One padded row (a micro-batch of one sequence, as long contexts use) has nothing to mask: it
+        goes without a mask, so SDPA runs plain causal attention (flash / memory-efficient kernels)
+        instead of being handed an [S, S] mask, 16 GiB at S = 128K.
+        """
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.input_ids.shape[0] == 1:
+            return {"input_ids": self.input_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 def pack(

@@ -110,6 +110,25 @@ def test_packed_and_micro_batched_logprobs_equal_one_sequence_at_a_time(tiny_lm,
     assert not torch.allclose(crossed, alone[1][0][0], atol=1e-3)
 
 
+def test_a_micro_batch_of_one_sequence_reaches_sdpa_without_a_mask(tiny_lm, monkeypatch):
+    """Long contexts go one sequence per micro-batch: SDPA must get plain causal attention, not an
+    [S, S] mask (16 GiB at S = 128K), which would also rule out its flash kernel."""
+    sdpa, masks = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    kernel = select_kernel("reference", "cpu", 16)
+    with torch.no_grad():
+        completion_logprobs(tiny_lm["sdpa"], pack(PROMPTS[:1], COMPLETIONS[:1], 0), 1.0, kernel)
+        assert masks and all(mask is None for mask in masks)
+        masks.clear()  # two rows of different lengths (5 and 4 tokens) do need one: the padding
+        completion_logprobs(tiny_lm["sdpa"], pack(PROMPTS, [COMPLETIONS[0], COMPLETIONS[1][:2]], 0), 1.0, kernel)
+    assert masks and all(mask is not None and mask.shape[-2:] == (5, 5) for mask in masks)
+
+
 def test_padding_free_gradients_equal_padded_ones(tiny_lm):
     model, kernel = tiny_lm["sdpa"], select_kernel("reference", "cpu", 16)
     prompts, completions = _ragged(seed=1)
