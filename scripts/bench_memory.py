@@ -54,6 +54,7 @@ class Row:
     gradient_checkpointing: str  # trainer.gradient_checkpointing
     kernel: str  # loss.kernel, or full_logits (the standard path's [tokens × V] log-softmax)
     micro_batch: str  # sequence: a token budget of one sequence | all: every sequence in one micro-batch
+    sequence_chunk_tokens: int = 0  # trainer.sequence_chunk_tokens (0: off)
 
 
 ROWS = {
@@ -204,6 +205,7 @@ def make_learner(model: torch.nn.Module, row: Row, shape: Shape, device: torch.d
         f"trainer.per_device_train_batch_size={shape.generations}",
         f"trainer.gradient_checkpointing={row.gradient_checkpointing}",
         f"trainer.max_tokens_per_microbatch={sequence if row.micro_batch == 'sequence' else 0}",
+        f"trainer.sequence_chunk_tokens={row.sequence_chunk_tokens}",
         f"loss.kernel={'reference' if row.kernel == 'full_logits' else row.kernel}",
         "trainer.sync_check_tolerance=1e9", "logging.sample_steps=0",
     ])  # fmt: skip
@@ -280,15 +282,22 @@ def versions() -> dict[str, str]:
 
 def run_row(name: str, shape_name: str) -> dict[str, Any]:
     """Build, warm up, measure one step; the row's JSON record."""
+    return measure(name, ROWS[name], shape_name, SHAPES[shape_name])
+
+
+def measure(name: str, row: Row, shape_name: str, shape: Shape, cap_gib: float | None = None) -> dict[str, Any]:
+    """One step of `row` on `shape`: build, warm up, measure; its JSON record. `cap_gib` limits this
+    process's allocations (torch.cuda.set_per_process_memory_fraction): going over is an OOM."""
     from transformers import LlamaConfig
 
     from grpo_ray.errors import OutOfMemory
 
-    row, shape = ROWS[name], SHAPES[shape_name]
     config = LlamaConfig(**shape.config)
     device = torch.device("cuda", torch.cuda.current_device())
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
     tokens = shape.generations * (shape.prompt_tokens + shape.completion_tokens)
-    record: dict[str, Any] = {"row": name, "shape": shape_name, **asdict(row), "tokens": tokens,
+    record: dict[str, Any] = {"row": name, "shape": shape_name, **asdict(row), "tokens": tokens, "cap_gib": cap_gib,
                               "device": torch.cuda.get_device_name(device), **versions()}  # fmt: skip
     if row.kernel == "full_logits":
         estimate = standard_estimate(config, tokens)
