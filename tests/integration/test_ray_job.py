@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,30 +27,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A `ray start --head` on free ports with its own temp dir; stopped (no process left) after."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    # Every process of this head inherits the marker, so exactly these can be stopped afterwards
-    # (`ray stop` would stop every Ray instance on the machine).
-    env[MARKER] = uuid.uuid4().hex
+def start_head(env: dict[str, str], num_cpus: int) -> tuple[int, int]:
+    """`ray start --head` on free ports with its own temp dir; (GCS port, dashboard port)."""
     temp_dir = Path("/tmp") / f"rayjob-{env[MARKER][:8]}"  # short: Ray's socket paths have a length limit
     gcs, dashboard = free_port(), free_port()
-    # Every port of its own: another Ray on this machine (the suite's ray_local) holds the defaults,
-    # and a job agent that cannot bind its port leaves `ray job submit` with "No available agent".
-    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         *(f"--{flag}={port}" for flag, port in ports.items())],
+         f"--ray-client-server-port={free_port()}", *agent_ports()],
         check=True, env=env, capture_output=True, timeout=180,
     )  # fmt: skip
+    return gcs, dashboard
+
+
+def agent_ports() -> list[str]:
+    """Every agent port of its own: another Ray on this machine (the suite's ray_local) holds the
+    defaults, and a job agent that cannot bind its port leaves `ray job submit` with "No available agent"."""
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")  # fmt: skip
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
+@pytest.fixture
+def ray_env() -> Iterator[dict[str, str]]:
+    """The environment of a test's Ray processes; every process still carrying its marker is stopped after."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    # Every process of this cluster inherits the marker, so exactly these can be stopped afterwards
+    # (`ray stop` would stop every Ray instance on the machine).
+    env[MARKER] = uuid.uuid4().hex
     try:
-        yield env, f"http://127.0.0.1:{dashboard}"
+        yield env
     finally:
         stop_marked_processes(env[MARKER])
+
+
+@pytest.fixture
+def ray_head(ray_env):
+    """A one-node cluster: `ray start --head` with 4 CPUs."""
+    _, dashboard = start_head(ray_env, num_cpus=4)
+    return ray_env, f"http://127.0.0.1:{dashboard}"
+
+
+@pytest.fixture
+def ray_two_nodes(ray_env):
+    """A two-node cluster on this machine: a head with 1 CPU and a second raylet (its own object
+    store) with 3 joining it, so a job of 4 CPUs must place actors on both."""
+    gcs, dashboard = start_head(ray_env, num_cpus=1)
+    subprocess.run(
+        [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--disable-usage-stats", *agent_ports()],
+        check=True, env=ray_env, capture_output=True, timeout=180,
+    )  # fmt: skip
+    return ray_env, f"http://127.0.0.1:{dashboard}"
 
 
 def marked_processes(marker: str) -> set[psutil.Process]:
@@ -82,14 +111,13 @@ def stop_marked_processes(marker: str, rounds: int = 5) -> None:
     assert not left, f"Ray processes left behind: {left}"
 
 
-def test_ray_job_submit_runs_training(ray_head, tiny_model_dir, tmp_path, monkeypatch):
-    env, address = ray_head
-    out = tmp_path / "outputs"
+def submit_training(env: dict[str, str], address: str, model_dir: Path, out: Path, *extra: str) -> Path:
+    """`ray job submit` a 2-step training run; waits until it succeeded, returns its run directory."""
     cmd = [
         str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-        "python", "scripts/train.py", f"model.name_or_path={tiny_model_dir}", "rollout.num_generations=4",
+        "python", "scripts/train.py", f"model.name_or_path={model_dir}", "rollout.num_generations=4",
         "rollout.max_completion_length=6", "trainer.per_device_train_batch_size=8", "trainer.max_steps=2",
-        f"logging.output_dir={out}", "logging.run_name=job",
+        f"logging.output_dir={out}", "logging.run_name=job", *extra,
     ]  # fmt: skip
     deadline = time.monotonic() + 300  # the head's job agent may still be starting on a busy machine
     while True:
@@ -101,10 +129,24 @@ def test_ray_job_submit_runs_training(ray_head, tiny_model_dir, tmp_path, monkey
     job_id = re.search(r"raysubmit_\w+", result.stdout + result.stderr).group(0)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
-    run_dir = out / "job"
+    return out / "job"
+
+
+def test_ray_job_submit_runs_training(ray_head, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run_dir = submit_training(*ray_head, tiny_model_dir, tmp_path / "outputs")
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
     assert "max_steps: 2" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_job_spans_two_nodes(ray_two_nodes, tiny_model_dir, tmp_path, monkeypatch):
+    """Rollout, learner and two reward actors (4 CPUs) on a head of 1 CPU and a node of 3: the
+    rollouts, scores and adapters cross two object stores, and the run trains."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run_dir = submit_training(*ray_two_nodes, tiny_model_dir, tmp_path / "outputs", "reward.num_workers=2")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["tokens/total"] > 0 for r in records)
+    assert (run_dir / "final" / "adapter_model.safetensors").exists()
