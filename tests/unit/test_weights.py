@@ -208,6 +208,20 @@ def test_ipc_path_pulls_the_learners_current_tensors_each_time(monkeypatch):
     assert qkv.lora_a_stacked[0][0].count_nonzero() == 0  # the other slot untouched
 
 
+def test_each_pull_reports_its_parts_for_the_next_rollouts_metrics(monkeypatch):
+    engine, learner = FakeEngine(), peft_tensors(r=4)
+    monkeypatch.setattr(vb, "open_shared_tensors", lambda payload: payload)
+    monkeypatch.setattr(vb.VLLMBackend, "_serve_version", lambda self, version: setattr(self, "served", version))
+    backend = object.__new__(vb.VLLMBackend)  # no engine start: only the pull
+    backend.llm, backend.timings = engine, {}
+    modules, slices, names = plan_args(learner)
+    engine.collective_rpc("grpo_map_adapter", (vb.LORA_ID, modules, slices, names, learner, 4.0))
+    backend.pull_adapter(5)
+    parts = backend.timings
+    assert backend.served == 5 and set(parts) == {"time/sync_engine", "time/sync_copy"}
+    assert 0.0 < parts["time/sync_copy"] <= parts["time/sync_engine"]  # the copy is part of the engine call
+
+
 def test_nccl_path_receives_buckets_into_the_slot():
     engine, learner = FakeEngine(), peft_tensors(r=4)
     modules, slices, _ = plan_args(learner)
