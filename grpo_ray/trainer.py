@@ -1,10 +1,10 @@
 """The driver: build the actors, run the GRPO step loop, checkpoint, recover, save the run.
 
 One step, top to bottom (`Run.step`):
-    prompts ─► RolloutActor.generate ─► ref(Rollout)
-    ref(Rollout) ─► RewardPool.score ─► ref(ScoredRollout)        (CPU actors, in parallel)
+    prompts ─► RolloutActor.generate ─► ref(Rollout)             (a share per engine, in parallel)
+    refs(Rollout) ─► RewardPool.score ─► ref(ScoredRollout)       (CPU actors, in parallel)
     ref(ScoredRollout) ─► LearnerActor.train_step ─► StepMetrics
-    LearnerActor ─► RolloutActor: the adapter, by the sync path (grpo_ray.weights) ─► version + 1
+    LearnerActor ─► RolloutActors: the adapter, by the sync path (grpo_ray.weights) ─► version + 1
 Batches move as ObjectRefs between actors; the driver only waits on them (never fetches a
 batch) and fetches the small StepMetrics. Every wait has a deadline that names the call.
 """
@@ -247,13 +247,13 @@ class OneStepAhead(OnPolicy):
 
     def next_rollout(self, version: int) -> list[Any]:
         if self.pending is not None:
-            self.current, ref = self.pending
+            self.current, refs = self.pending
         else:
             self.current = self.current or self._draw()
-            ref = self._launch(self.current, version)
-        upcoming = self._draw()  # queued on the rollout actor before the next weight update
+            refs = self._launch(self.current, version)
+        upcoming = self._draw()  # queued on the rollout engines before the next weight update
         self.pending = (upcoming, self._launch(upcoming, version))
-        return ref
+        return refs
 
     def after_fault(self) -> None:
         self.pending = None
