@@ -22,8 +22,10 @@ class CallTimeout(TimeoutError):
     """A remote call that missed its deadline; the message names the actor and the call."""
 
 
-def connect(address: str | None, need_cpus: float) -> None:
-    """Join the cluster of `ray job submit` / `address`, else start a local one that fits the job."""
+def connect(address: str | None, need_cpus: float, need_gpus: float = 0.0) -> None:
+    """Join the cluster of `ray job submit` / `address`, else start a local one that fits the job;
+    ConfigError when the cluster has fewer CPUs or GPUs than the actors need (rather than waiting
+    for resources that never come until cluster.call_timeout_s)."""
     import ray
 
     if not ray.is_initialized():
@@ -32,12 +34,18 @@ def connect(address: str | None, need_cpus: float) -> None:
         else:
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)),
                      include_dashboard=False, logging_level=logging.WARNING)  # fmt: skip
-    have = ray.cluster_resources().get("CPU", 0)
-    if have < need_cpus:
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < need_cpus:
         raise ConfigError(
             f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus × cluster.rollout_engines + "
             "cluster.learner_cpus × cluster.learner_workers + reward.num_workers) "
-            f"but the Ray cluster has {have:g}; lower reward.num_workers or add CPUs"
+            f"but the Ray cluster has {have.get('CPU', 0):g}; lower reward.num_workers or add CPUs"
+        )
+    if have.get("GPU", 0) < need_gpus:
+        raise ConfigError(
+            f"the job needs {need_gpus:g} GPUs (cluster.rollout_gpus × cluster.rollout_engines + cluster.learner_gpus "
+            f"× cluster.learner_workers; cluster=single_gpu: 1) but the Ray cluster has {have.get('GPU', 0):g}; "
+            "lower cluster.rollout_engines or cluster.learner_workers, use cluster=single_gpu, or add GPUs"
         )
 
 

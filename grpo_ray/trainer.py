@@ -461,8 +461,9 @@ def train(cfg: DictConfig) -> Path:
     check_model(model_path, cfg.model, cfg.rollout)
     sampler = PromptSampler(load_task_prompts(cfg, model_path), seed=cfg.trainer.seed)
     cluster = cfg.cluster
+    gpus = cluster.rollout_gpus * cluster.rollout_engines + cluster.learner_gpus * cluster.learner_workers
     connect(cluster.address, cluster.rollout_cpus * cluster.rollout_engines + cluster.learner_cpus * cluster.learner_workers
-            + cfg.reward.num_workers)
+            + cfg.reward.num_workers, 1.0 if cluster.placement == "colocate" else gpus)  # fmt: skip
     actors = Actors.create(cfg, model_path)
     schedule = (OneStepAhead if cfg.trainer.async_steps else OnPolicy)(actors, sampler, prompts_per_step, cfg.trainer.seed)
     run = Run(cfg, actors, schedule, run_dir)
