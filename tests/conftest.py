@@ -66,6 +66,29 @@ def run_ranks(target, world_size: int = 2) -> list:
     return results
 
 
+def write_run(cfg, model_dir: Path, run_dir: Path, *, seed: int, std: float, device: str = "cpu") -> Path:
+    """A finished run's folder: config.yaml and a final/ adapter whose random B (N(0, std), seed)
+    visibly changes the model. The adapter is made on the unquantized base: same shapes, and a
+    4-bit base would need a GPU."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from grpo_ray.config import to_yaml
+    from grpo_ray.models import add_lora, load_model
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dense = OmegaConf.merge(cfg.model, {"quantization": "none"})
+    model = add_lora(load_model(dense, str(model_dir), device), cfg.model.lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    model.save_pretrained(run_dir / "final")
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 pytest.importorskip("vllm")
 
-from grpo_ray.config import load_config, to_yaml  # noqa: E402
+from grpo_ray.config import load_config  # noqa: E402
 from grpo_ray.evaluate import eval_config, evaluate, resolve_target  # noqa: E402
-from grpo_ray.models import add_lora, load_model  # noqa: E402
+from grpo_ray.models import load_model  # noqa: E402
+from tests.conftest import write_run  # noqa: E402
 
 PROMPTS = 12
 
@@ -33,15 +33,7 @@ def adapter_run(model_dir, run):
         "rollout.gpu_memory_utilization=0.1", "model.lora.r=8", "model.lora.alpha=16", f"task.num_examples={PROMPTS}",
         "rollout.max_completion_length=12", "task.reward_funcs=[grpo_ray.rewards.arithmetic:last_number_reward]",
     ])  # fmt: skip
-    run.mkdir()
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    model = add_lora(load_model(cfg.model, str(model_dir), "cuda"), cfg.model.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(run / "final")
+    write_run(cfg, model_dir, run, seed=0, std=0.3, device="cuda")
     return cfg
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from grpo_ray.cli import main
-from grpo_ray.config import ConfigError, load_config, to_yaml
+from grpo_ray.config import ConfigError, load_config
 from grpo_ray.evaluate import (
     EvalError, eval_config, evaluate, load_run_config, pass_at_k, report_name, resolve_target,
 )
-from grpo_ray.models import add_lora, load_model
+from tests.conftest import write_run
 
 REWARDS_MODULE = '''
 def even_length(completions, **kwargs):
@@ -38,16 +38,7 @@ def run_dir(tiny_model_dir, tmp_path_factory):
         "task.num_examples=6", "rollout.max_completion_length=6",
         "task.reward_funcs=[eval_test_rewards:even_length,eval_test_rewards:half_scored]",
     ])  # fmt: skip
-    run = root / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    model = add_lora(load_model(cfg.model, str(tiny_model_dir)), cfg.model.lora)
-    torch.manual_seed(2)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0.0, 0.5)
-    model.save_pretrained(run / "final")
-    return run
+    return write_run(cfg, tiny_model_dir, root / "run", seed=2, std=0.5)
 
 
 @pytest.fixture(autouse=True)

@@ -6,28 +6,19 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from grpo_ray.cli import main
-from grpo_ray.config import load_config, to_yaml
+from grpo_ray.config import load_config
 from grpo_ray.evaluate import EvalError
 from grpo_ray.export import export_merged
-from grpo_ray.models import ModelLoadError, add_lora, load_model
+from grpo_ray.models import ModelLoadError
+from tests.conftest import write_run
 
 
 def make_run(model_dir, run_dir, *overrides: str):
     """A finished run's folder: config.yaml and a final/ adapter with non-zero B (so it changes logits)."""
     cfg = load_config([f"model.name_or_path={model_dir}", "model.lora.r=4", "model.lora.alpha=8", *overrides])
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    # the adapter comes from the unquantized base: a CPU cannot load a 4-bit one (export refuses QLoRA on the config)
-    model = add_lora(load_model(OmegaConf.merge(cfg.model, {"quantization": "none"}), str(model_dir)), cfg.model.lora)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0.0, 0.3)
-    model.save_pretrained(run_dir / "final")
-    return run_dir
+    return write_run(cfg, model_dir, run_dir, seed=1, std=0.3)
 
 
 def logits(model, ids):
