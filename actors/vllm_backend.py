@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from grpo_ray.errors import EngineStartError
 from grpo_ray.types import AdapterWeights
 from grpo_ray.weights import (
     PEFT_PREFIX,
@@ -345,6 +346,25 @@ def _written(tensor: torch.Tensor) -> None:
 # --- the backend ------------------------------------------------------------------------
 
 
+def start_engine(args: dict[str, Any]) -> Any:
+    """vllm.LLM(**args) with our worker. A start-up failure is re-raised naming our settings: vLLM's
+    message names its own arguments, and with the EngineCore in its own process the cause is only
+    in the log above (the usual one: no room for the KV cache, or not for one max-length sequence)."""
+    from vllm import LLM
+
+    try:
+        return LLM(**args, worker_cls=WORKER_CLS)
+    except (RuntimeError, ValueError) as e:
+        length = "the model's own limit" if args["max_model_len"] is None else args["max_model_len"]
+        raise EngineStartError(
+            f"the vLLM engine did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}. If the cause, "
+            "here or in the engine's log above, is GPU memory (no room for the KV cache, or a sequence of "
+            f"max_model_len = {length} tokens not fitting in it): raise rollout.gpu_memory_utilization (now "
+            f"{args['gpu_memory_utilization']}), or lower rollout.max_prompt_length + rollout.max_completion_length; "
+            "colocated (cluster=single_gpu), the engine's share must also leave the learner room"
+        ) from e
+
+
 def _shutdown(llm: Any, tmp: tempfile.TemporaryDirectory) -> None:
     """Stop the engine (its EngineCore process, if any, and its GPU memory), then drop the temp files."""
     try:
@@ -385,10 +405,8 @@ class VLLMBackend:
         # CUDA is already initialised; forked after this process ran torch CPU ops, it hung while
         # loading the model (H100, vLLM 0.25). A spawned one starts clean.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from vllm import LLM
-
         # 2. the engine, with one LoRA slot and our worker (write paths; weights outside the sleep pool)
-        self.llm = LLM(**engine_args(cfg, model_path, str(root / "tokenizer"), release_memory), worker_cls=WORKER_CLS)
+        self.llm = start_engine(engine_args(cfg, model_path, str(root / "tokenizer"), release_memory))
         self._finalizer = weakref.finalize(self, _shutdown, self.llm, self._tmp)
         # 3. a zero adapter of the engine's shapes, written once, registered and pinned in its slot
         layout = self.llm.collective_rpc("grpo_lora_layout")[0]

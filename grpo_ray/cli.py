@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message tells the user what to change: printed without a traceback, exit code 2."""
+    from grpo_ray.errors import EngineStartError, OutOfMemory
     from grpo_ray.evaluate import EvalError
     from grpo_ray.models import ModelLoadError
     from grpo_ray.rewards import RewardImportError, RewardLoadError
 
-    return (ConfigError, DataError, EvalError, ModelLoadError, RewardLoadError, RewardImportError, FileNotFoundError)
+    return (ConfigError, DataError, EvalError, ModelLoadError, RewardLoadError, RewardImportError, FileNotFoundError,
+            EngineStartError, OutOfMemory)  # fmt: skip
 
 
 def _parser(command: str) -> argparse.ArgumentParser:

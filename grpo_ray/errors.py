@@ -22,6 +22,10 @@ class OutOfMemory(RuntimeError):
     """A CUDA out-of-memory error, with the settings that lower memory in that phase."""
 
 
+class EngineStartError(RuntimeError):
+    """The vLLM engine did not start; the message says which of our settings set its memory and length."""
+
+
 @contextmanager
 def oom_advice(phase: str) -> Iterator[None]:
     """Re-raise CUDA OOM in `phase` (learner | rollout) as OutOfMemory naming the knobs."""

@@ -234,3 +234,26 @@ def test_each_write_is_served_under_a_new_name_even_for_a_version_seen_before(mo
         names.append(backend.lora_request.lora_name)
         assert backend.lora_request.lora_int_id == vb.LORA_ID  # the same slot
     assert len(set(names)) == 3 and all("v3" in name for name in names)
+
+
+def test_an_engine_that_does_not_start_names_our_memory_and_length_settings(monkeypatch):
+    """With the EngineCore in its own process, vLLM raises a bare "initialization failed" (the cause,
+    e.g. no room for the KV cache, is in its log); the error says which of our settings to change."""
+    import sys
+
+    from grpo_ray.errors import EngineStartError
+
+    def failing_llm(**kwargs):
+        assert kwargs["worker_cls"] == vb.WORKER_CLS
+        raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+
+    cfg = load_config(["rollout=vllm", "rollout.gpu_memory_utilization=0.2", "rollout.max_prompt_length=100",
+                       "rollout.max_completion_length=28"])  # fmt: skip
+    args = vb.engine_args(cfg, "/m", "/m/tok")
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=failing_llm))
+    with pytest.raises(EngineStartError) as caught:
+        vb.start_engine(args)
+    message = str(caught.value)
+    assert message.startswith("the vLLM engine did not start: Engine core initialization failed.")
+    assert "max_model_len = 128 tokens" in message and "rollout.gpu_memory_utilization (now 0.2)" in message
+    assert "rollout.max_prompt_length + rollout.max_completion_length" in message
