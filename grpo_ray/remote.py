@@ -23,30 +23,38 @@ class CallTimeout(TimeoutError):
 
 
 def connect(address: str | None, need_cpus: float, need_gpus: float = 0.0) -> None:
-    """Join the cluster of `ray job submit` / `address`, else start a local one that fits the job;
-    ConfigError when the cluster has fewer CPUs or GPUs than the actors need (rather than waiting
-    for resources that never come until cluster.call_timeout_s)."""
+    """Join the cluster of `ray job submit` / `address`, else start a local one that fits the job.
+
+    A cluster with fewer CPUs or GPUs than the actors need: on a local cluster (nothing will be
+    added) a ConfigError now, rather than Ray waiting until cluster.call_timeout_s; on a joined
+    one a warning, since an autoscaler may add the nodes once the actors ask for them.
+    """
     import ray
 
+    joined = ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
+        if joined:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)),
                      include_dashboard=False, logging_level=logging.WARNING)  # fmt: skip
     have = ray.cluster_resources()
-    if have.get("CPU", 0) < need_cpus:
-        raise ConfigError(
-            f"the job needs {need_cpus:g} CPUs (cluster.rollout_cpus × cluster.rollout_engines + "
-            "cluster.learner_cpus × cluster.learner_workers + reward.num_workers) "
-            f"but the Ray cluster has {have.get('CPU', 0):g}; lower reward.num_workers or add CPUs"
+    shortages = [
+        (f"the job needs {need:g} {kind}s ({formula}) but the Ray cluster has {have.get(kind, 0):g}; {advice}")
+        for kind, need, formula, advice in (
+            ("CPU", need_cpus, "cluster.rollout_cpus × cluster.rollout_engines + cluster.learner_cpus × "
+             "cluster.learner_workers + reward.num_workers", "lower reward.num_workers or add CPUs"),
+            ("GPU", need_gpus, "cluster.rollout_gpus × cluster.rollout_engines + cluster.learner_gpus × "
+             "cluster.learner_workers; cluster=single_gpu: 1",
+             "lower cluster.rollout_engines or cluster.learner_workers, use cluster=single_gpu, or add GPUs"),
         )
-    if have.get("GPU", 0) < need_gpus:
-        raise ConfigError(
-            f"the job needs {need_gpus:g} GPUs (cluster.rollout_gpus × cluster.rollout_engines + cluster.learner_gpus "
-            f"× cluster.learner_workers; cluster=single_gpu: 1) but the Ray cluster has {have.get('GPU', 0):g}; "
-            "lower cluster.rollout_engines or cluster.learner_workers, use cluster=single_gpu, or add GPUs"
-        )
+        if have.get(kind, 0) < need
+    ]  # fmt: skip
+    for message in shortages:
+        if not joined:
+            raise ConfigError(message)
+        print(f"grpo-ray: warning: {message}. Waiting up to cluster.call_timeout_s for the cluster to add them "
+              "(an autoscaler)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def stack_dump(info: dict[str, Any] | None) -> str:

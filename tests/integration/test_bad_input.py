@@ -61,3 +61,12 @@ def test_a_cluster_without_the_gpus_the_job_needs_stops_at_once(tiny_model_dir, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the job needs 65 GPUs (cluster.rollout_gpus × cluster.rollout_engines" in proc.stderr
     assert "lower cluster.rollout_engines or cluster.learner_workers, use cluster=single_gpu" in proc.stderr
+
+
+def test_a_joined_cluster_short_of_gpus_warns_for_an_autoscaler_to_add_them(ray_local, capsys):
+    """A cluster the job joined (ray job submit, cluster.address) may grow when the actors ask for GPUs."""
+    from grpo_ray.remote import connect
+
+    connect(None, need_cpus=1, need_gpus=64)
+    err = capsys.readouterr().err
+    assert "grpo-ray: warning: the job needs 64 GPUs" in err and "for the cluster to add them (an autoscaler)" in err
