@@ -12,7 +12,7 @@ where slice s of a fused module is one of its parts (vLLM fuses q|k|v into qkv_p
 gate|up into gate_up_proj). The values come by one of three paths (grpo_ray.weights): bytes
 through the engine's RPC (object store), a device-to-device copy from the learner's own
 tensors mapped through CUDA IPC (colocated), or NCCL buckets (separate GPUs). Writes happen
-between `generate` calls, when the engine is idle. Each version is served under a new LoRA
+between `generate` calls, when the engine is idle. Each write is served under a new LoRA
 name in the same slot: vLLM hashes KV blocks with the LoRA name, so blocks cached with the
 old values can never be reused, and no prefix-cache reset is needed.
 
@@ -159,6 +159,11 @@ def write_plan(
 def plan_targets(plan: list[tuple[str, int, str, str]]) -> tuple[list[str], list[int]]:
     """The (engine modules, slices) of a write plan, as the worker's write paths take them."""
     return [module for module, _, _, _ in plan], [s for _, s, _, _ in plan]
+
+
+def plan_names(plan: list[tuple[str, int, str, str]]) -> list[str]:
+    """The adapter tensor names of a write plan in the order values travel: A0, B0, A1, B1, ..."""
+    return [name for _, _, a, b in plan for name in (a, b)]
 
 
 def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: bool = False) -> dict[str, Any]:
@@ -438,7 +443,7 @@ class VLLMBackend:
 
     def _plan_for(self, tensors: dict[str, Any]) -> list[tuple[str, int, str, str]]:
         """The write plan of an adapter with these names and shapes (kept while they stay the same)."""
-        if self._plan is None or {n for _, _, a, b in self._plan for n in (a, b)} != set(tensors):
+        if self._plan is None or set(plan_names(self._plan)) != set(tensors):
             self._plan = write_plan(tensors, self.layout, self.packed)
         return self._plan
 
@@ -467,9 +472,8 @@ class VLLMBackend:
     def map_adapter(self, payload: bytes, shapes: dict[str, list[int]]) -> int:
         """CUDA-IPC path, once: the engine maps the learner's LoRA tensors (`shapes`: name -> shape)."""
         plan = self._plan_of_shapes(shapes)
-        names = [n for _, _, a, b in plan for n in (a, b)]
         return self.llm.collective_rpc("grpo_map_adapter", args=(
-            LORA_ID, *plan_targets(plan), names, payload, self.scale,
+            LORA_ID, *plan_targets(plan), plan_names(plan), payload, self.scale,
         ))[0]  # fmt: skip
 
     def pull_adapter(self, version: int) -> None:
@@ -484,7 +488,7 @@ class VLLMBackend:
     def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]], rank: int) -> None:
         """NCCL path, once: join the learner's group as `rank`; `shapes` (name -> shape) fixes the plan."""
         plan = self._plan_of_shapes(shapes)
-        self._received = (*plan_targets(plan), [shape for _, _, a, b in plan for shape in (shapes[a], shapes[b])])
+        self._received = (*plan_targets(plan), [shapes[name] for name in plan_names(plan)])
         self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, rank, world_size))
 
     def receive_adapter(self, version: int) -> None:

@@ -12,6 +12,7 @@ functions that call `run_tests` are marked `@requires_sandbox`, so that reward a
 the sandbox when they start.
 """
 
+from grpo_ray.sandbox import runner
 from grpo_ray.sandbox.runner import (
     STATUSES,
     SandboxUnavailable,
@@ -23,13 +24,4 @@ from grpo_ray.sandbox.runner import (
     run_tests,
 )
 
-__all__ = [
-    "STATUSES",
-    "SandboxUnavailable",
-    "Verdict",
-    "check_available",
-    "max_parallel",
-    "needs_sandbox",
-    "requires_sandbox",
-    "run_tests",
-]
+__all__ = runner.__all__  # the public names are runner's; listed once, there

@@ -191,7 +191,7 @@ def test_expandable_segments_are_refused_for_ipc(monkeypatch):
 
 def plan_args(tensors):
     plan = vb.write_plan(tensors, LAYOUT, PACKED)
-    return (*vb.plan_targets(plan), [n for _, _, a, b in plan for n in (a, b)])
+    return (*vb.plan_targets(plan), vb.plan_names(plan))
 
 
 def test_ipc_path_pulls_the_learners_current_tensors_each_time(monkeypatch):
