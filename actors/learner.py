@@ -28,14 +28,16 @@ from grpo_ray.models import add_lora, load_model, load_tokenizer, torch_dtype
 from grpo_ray.parallel import LearnerGroup
 from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
+    AdapterCopy,
+    adapter_pairs,
     adapter_tensors,
+    broadcast_buckets,
+    bucket_buffers,
     bucket_numel,
     check_version,
-    engine_values,
     export_adapter,
     load_adapter,
     model_on_engine_weights,
-    send_buckets,
     share_tensors,
 )
 
@@ -127,17 +129,29 @@ class LearnerActor:
         self.group.join(host, port, self.device)
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Create the NCCL broadcast group with the rollout engine(s), as rank 0."""
+        """NCCL path, once: the broadcast group with the rollout engine(s), as rank 0, and the adapter's buckets."""
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
         self.weight_group = stateless_init_process_group(host, port, 0, world_size, self.device.index or 0)
+        self._buckets, self._fill_buckets = self._adapter_buckets()
+
+    def _adapter_buckets(self) -> tuple[list[torch.Tensor], AdapterCopy]:
+        """The broadcast's buckets in the engine's layout (A, B·α/r in its dtype, `adapter_pairs`
+        order) and the copy that fills them from the LoRA parameters, which the optimizer updates in place."""
+        lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
+        tensors = adapter_tensors(self.model)
+        sources = [tensors[name] for _, a, b in adapter_pairs(tensors) for name in (a, b)]
+        buckets, views = bucket_buffers(
+            [list(t.shape) for t in sources], dtype, self.device, bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype)
+        )
+        return buckets, AdapterCopy(views[0::2], sources[0::2], views[1::2], sources[1::2], lora.alpha / lora.r)
 
     def broadcast_weights(self) -> None:
-        """NCCL path: broadcast A and B·α/r (the engine's layout) in buckets of cluster.nccl_bucket_mb."""
-        lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
-        values = engine_values(adapter_tensors(self.model), lora.alpha / lora.r, dtype)
-        send_buckets(values, self.weight_group, bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype))
-        torch.cuda.current_stream().synchronize()
+        """NCCL path, each step: the current adapter into the buckets (one graph replay), then broadcast."""
+        self._fill_buckets()
+        broadcast_buckets(self._buckets, self.weight_group)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
 
     def adapter_files(self) -> dict[str, bytes]:
         """The adapter in PEFT format (adapter_config.json, adapter_model.safetensors) as bytes."""

@@ -47,11 +47,14 @@ from grpo_ray.errors import EngineStartError
 from grpo_ray.types import AdapterWeights
 from grpo_ray.weights import (
     PEFT_PREFIX,
+    AdapterCopy,
     adapter_pairs,
+    broadcast_buckets,
+    bucket_buffers,
     bucket_numel,
     engine_values,
     open_shared_tensors,
-    receive_buckets,
+    quantized_spec,
     share_tensors,
 )
 
@@ -263,13 +266,16 @@ class LoRAWriterExtension:
         return len(dst)
 
     def grpo_share_weights(self) -> bytes:
-        """CUDA-IPC handles of every weight of the engine's model and its packed_modules_mapping (pickled)."""
+        """CUDA-IPC handles of every weight of the engine's model, its packed_modules_mapping, and
+        for a bitsandbytes model what rebuilds each 4-bit linear (its shards' QuantStates), pickled."""
         import pickle
 
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         tensors = {name: p.data for name, p in model.named_parameters()}
+        quantized = {name: spec for name, p in model.named_parameters()
+                     if (spec := quantized_spec(name, p, tensors)) is not None}  # fmt: skip
         packed = {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}
-        return pickle.dumps({"tensors": share_tensors(tensors), "packed": packed})
+        return pickle.dumps({"tensors": share_tensors(tensors), "packed": packed, "quantized": quantized})
 
     def grpo_map_adapter(self, lora_id: int, modules: list[str], slices: list[int], names: list[str], payload: bytes,
                          scale: float) -> int:  # fmt: skip
@@ -289,57 +295,31 @@ class LoRAWriterExtension:
         _written(self._grpo_pull.dst_a[0])
         return time.perf_counter() - start
 
-    def grpo_join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """NCCL path, once: join the learner's broadcast group (the learner is rank 0)."""
+    def grpo_join_weight_group(self, host: str, port: int, rank: int, world_size: int, lora_id: int,
+                               modules: list[str], slices: list[int], shapes: list[list[int]], dtype: str,
+                               bucket_numel: int) -> None:  # fmt: skip
+        """NCCL path, once: join the learner's broadcast group (the learner is rank 0), allocate the
+        adapter's buckets and capture their copy into the slot (values arrive already scaled)."""
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
-        self._grpo_group = stateless_init_process_group(host, port, rank, world_size, torch.cuda.current_device())
+        group = stateless_init_process_group(host, port, rank, world_size, torch.cuda.current_device())
+        self._grpo_join(group, lora_id, modules, slices, shapes, dtype, bucket_numel)
 
-    def grpo_receive_adapter(self, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]],
-                             dtype: str, bucket_numel: int) -> int:  # fmt: skip
-        """NCCL path, each step: receive the learner's buckets straight into the slot's views."""
+    def _grpo_join(self, group: Any, lora_id: int, modules: list[str], slices: list[int], shapes: list[list[int]],
+                   dtype: str, bucket_numel: int) -> None:  # fmt: skip
+        """The rest of `grpo_join_weight_group` once `group` exists (the unit tests hand in a stand-in)."""
         dst = self._grpo_slot_views(lora_id, modules, slices, shapes)
-        for start, parts in receive_buckets(shapes, getattr(torch, dtype), dst[0].device, self._grpo_group, bucket_numel):
-            torch._foreach_copy_(dst[start : start + len(parts)], parts)
-        _written(dst[0])
-        return len(dst)
+        buckets, views = bucket_buffers(shapes, getattr(torch, dtype), dst[0].device, bucket_numel)
+        self._grpo_received = (group, buckets, AdapterCopy(dst[0::2], views[0::2], dst[1::2], views[1::2], 1.0))
 
-
-class AdapterCopy:
-    """The CUDA-IPC pull: A and B·α/r (scaled at the source's precision) into the slot's views.
-
-    Sources (fp32, the learner's) and the slot's strided views (bf16) differ in dtype and layout,
-    so the foreach ops fall back to one kernel per tensor: ~500 launches, ~2.5 ms on a 0.5B model.
-    The addresses never change (the learner updates its tensors in place; the slot stays), so on
-    CUDA the copy is captured once as a graph and each pull is one replay. The tensors are held
-    here: the graph reads their addresses, and the learner's stay mapped only while referenced.
-    """
-
-    def __init__(self, dst_a: list[torch.Tensor], src_a: list[torch.Tensor], dst_b: list[torch.Tensor],
-                 src_b: list[torch.Tensor], scale: float) -> None:  # fmt: skip
-        self.dst_a, self.src_a, self.dst_b, self.src_b, self.scale = dst_a, src_a, dst_b, src_b, scale
-        self.graph = self._capture() if dst_a[0].is_cuda else None
-
-    def _copy(self) -> None:
-        torch._foreach_copy_(self.dst_a, self.src_a)
-        torch._foreach_copy_(self.dst_b, torch._foreach_mul(self.src_b, self.scale))
-
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
-            self._copy()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._copy()
-        return graph
-
-    def __call__(self) -> None:
-        if self.graph is None:
-            self._copy()
-        else:
-            self.graph.replay()
+    def grpo_receive_adapter(self) -> int:
+        """NCCL path, each step: the learner's buckets arrive, then one graph replay copies them
+        into the slot. Returns the number of tensors written."""
+        group, buckets, copy = self._grpo_received
+        broadcast_buckets(buckets, group)
+        copy()
+        _written(copy.dst_a[0])
+        return 2 * len(copy.dst_a)
 
 
 def _written(tensor: torch.Tensor) -> None:
@@ -349,6 +329,17 @@ def _written(tensor: torch.Tensor) -> None:
 
 
 # --- the backend ------------------------------------------------------------------------
+
+
+def engine_environment() -> None:
+    """Environment defaults every vLLM engine here starts with (a bare one in a benchmark too)."""
+    if importlib.util.find_spec("flashinfer") is None:  # vLLM's default sampler imports it
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    # The EngineCore process (VLLM_ENABLE_V1_MULTIPROCESSING=1, the default) is forked unless CUDA
+    # is already initialised; forked after this process ran torch CPU ops, it hangs before loading
+    # the model (H100 and H200, vLLM 0.25: seen again in bench_rollout's bare engine). A spawned one
+    # starts clean.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def start_engine(args: dict[str, Any]) -> Any:
@@ -404,12 +395,7 @@ class VLLMBackend:
         # 1. the rollout's tokenizer in a folder of its own: with transformers 5, a tokenizer next
         #    to a config.json can be rebuilt as that model type's tokenizer class
         tokenizer.save_pretrained(root / "tokenizer")
-        if importlib.util.find_spec("flashinfer") is None:  # vLLM's default sampler imports it
-            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-        # The EngineCore process (VLLM_ENABLE_V1_MULTIPROCESSING=1, the default) is forked unless
-        # CUDA is already initialised; forked after this process ran torch CPU ops, it hung while
-        # loading the model (H100, vLLM 0.25). A spawned one starts clean.
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        engine_environment()
         # 2. the engine, with one LoRA slot and our worker (write paths; weights outside the sleep pool)
         self.llm = start_engine(engine_args(cfg, model_path, str(root / "tokenizer"), release_memory))
         self._finalizer = weakref.finalize(self, _shutdown, self.llm, self._tmp)
@@ -428,7 +414,6 @@ class VLLMBackend:
         self.llm.llm_engine.add_lora(self.lora_request)
         self.llm.llm_engine.pin_lora(LORA_ID)
         self._plan: list[tuple[str, int, str, str]] | None = None
-        self._received: tuple[list, list, list[list[int]]] | None = None  # NCCL: modules, slices, shapes
         if release_memory:  # asleep until the first generation: the learner builds in the free memory
             self.llm.sleep(level=1)
 
@@ -460,10 +445,17 @@ class VLLMBackend:
         plan = self._plan_for(weights.tensors)
         values = engine_values(weights.tensors, self.scale, self.dtype)
         payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
-        self.llm.collective_rpc("grpo_write_lora", args=(
-            LORA_ID, *plan_targets(plan), [list(m.shape) for m in values], self._dtype_name, payload,
-        ))  # fmt: skip
+        self._sync_call("grpo_write_lora", LORA_ID, *plan_targets(plan), [list(m.shape) for m in values],
+                        self._dtype_name, payload)  # fmt: skip
         self._serve_version(weights.version)
+
+    def _sync_call(self, method: str, *args: Any) -> Any:
+        """A sync path's call into the engine (vLLM's RPC included): its result; its duration is the
+        next rollout's `time/sync_engine`."""
+        start = time.perf_counter()
+        result = self.llm.collective_rpc(method, args=args)[0]
+        self.timings["time/sync_engine"] = time.perf_counter() - start
+        return result
 
     def share_weights(self) -> bytes:
         """CUDA-IPC handles of the engine's weights, for the learner to build its model on (no copy)."""
@@ -477,26 +469,22 @@ class VLLMBackend:
         ))[0]  # fmt: skip
 
     def pull_adapter(self, version: int) -> None:
-        """CUDA-IPC path, each step: the engine copies the learner's current adapter on the device.
-        Its parts go to the next rollout's metrics: `time/sync_engine` (this call, the engine's RPC
-        included) and `time/sync_copy` (the copy in the worker)."""
-        start = time.perf_counter()
-        self.timings["time/sync_copy"] = self.llm.collective_rpc("grpo_pull_adapter")[0]
-        self.timings["time/sync_engine"] = time.perf_counter() - start
+        """CUDA-IPC path, each step: the engine copies the learner's current adapter on the device;
+        `time/sync_copy` is the copy in the worker, part of `time/sync_engine`."""
+        self.timings["time/sync_copy"] = self._sync_call("grpo_pull_adapter")
         self._serve_version(version)
 
     def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]], rank: int) -> None:
         """NCCL path, once: join the learner's group as `rank`; `shapes` (name -> shape) fixes the plan."""
         plan = self._plan_of_shapes(shapes)
-        self._received = (*plan_targets(plan), [shapes[name] for name in plan_names(plan)])
-        self.llm.collective_rpc("grpo_join_weight_group", args=(host, port, rank, world_size))
+        self.llm.collective_rpc("grpo_join_weight_group", args=(
+            host, port, rank, world_size, LORA_ID, *plan_targets(plan), [shapes[name] for name in plan_names(plan)],
+            self._dtype_name, self.bucket_numel,
+        ))  # fmt: skip
 
     def receive_adapter(self, version: int) -> None:
         """NCCL path, each step: receive the learner's broadcast into the engine's LoRA buffers."""
-        modules, slices, shapes = self._received
-        self.llm.collective_rpc("grpo_receive_adapter", args=(
-            LORA_ID, modules, slices, shapes, self._dtype_name, self.bucket_numel,
-        ))  # fmt: skip
+        self._sync_call("grpo_receive_adapter")
         self._serve_version(version)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: int) -> list[list[Any]]:

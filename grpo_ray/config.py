@@ -298,11 +298,6 @@ def _validate_placement(cfg: DictConfig) -> None:
             f"cluster.weight_sync={sync} needs rollout=vllm and {needs[sync][1]} (cluster.placement={needs[sync][0]}); "
             f"got rollout.backend={backend}, cluster.placement={placement}. Use cluster.weight_sync=auto"
         )
-    if weight_sync_path(cfg) == "cuda_ipc" and cfg.model.quantization != "none":
-        raise ConfigError(
-            f"model.quantization={cfg.model.quantization} with a shared base (cluster=single_gpu, rollout=vllm) is "
-            "not built yet: set cluster.weight_sync=object_store (the learner loads its own 4-bit copy)"
-        )
     if placement == "colocate" and backend == "vllm" and cfg.rollout.release_memory and cfg.trainer.async_steps:
         raise ConfigError(
             "trainer.async_steps=1 would generate while the learner trains, but with cluster=single_gpu the engine "
@@ -327,8 +322,29 @@ def _validate_placement(cfg: DictConfig) -> None:
             f"cluster.rollout_engines={engines}: needs at least 1, at most the prompts of a step ({prompts}), and 1 "
             "with cluster=single_gpu (one GPU)"
         )
+    _validate_whole_gpus(cfg)
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")
+
+
+def _validate_whole_gpus(cfg: DictConfig) -> None:
+    """NCCL refuses two ranks of one group on one GPU, and Ray may pack fractional GPUs onto one:
+    the ranks of an NCCL group (engines and learner with weight_sync=nccl; data-parallel learners)
+    each need a whole GPU."""
+    cluster = cfg.cluster
+    if cluster.placement != "split":
+        return
+    if weight_sync_path(cfg) == "nccl" and min(cluster.rollout_gpus, cluster.learner_gpus) < 1:
+        raise ConfigError(
+            f"cluster.weight_sync=nccl puts every engine and the learner in one NCCL group, which needs a GPU each: "
+            f"cluster.rollout_gpus={cluster.rollout_gpus:g} and cluster.learner_gpus={cluster.learner_gpus:g} must be "
+            "at least 1. To pack several engines on one GPU, set cluster.weight_sync=object_store"
+        )
+    if cluster.learner_workers > 1 and cluster.learner_gpus < 1:
+        raise ConfigError(
+            f"cluster.learner_workers={cluster.learner_workers} data-parallel learners sum gradients over NCCL, which "
+            f"needs a GPU each: cluster.learner_gpus={cluster.learner_gpus:g} must be at least 1"
+        )
 
 
 def weight_sync_path(cfg: DictConfig) -> str:

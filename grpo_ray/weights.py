@@ -8,17 +8,21 @@ Three paths, one chosen at setup (`cluster.weight_sync`, see `make_weight_sync`)
   base weights (`build_on_engine_weights`, no second copy), and the engine maps the learner's
   LoRA tensors once; each step it copies them into its LoRA buffers on the device (no bytes
   leave the GPU, nothing travels through Ray but the version).
-- NCCL (separate GPUs): the learner broadcasts the adapter in buckets (`send_buckets`), the
-  engine receives them straight into its LoRA buffers (`receive_buckets`).
+- NCCL (separate GPUs): each end allocates the adapter's buckets once (`bucket_buffers`); each
+  step the learner fills its buckets from the LoRA parameters, broadcasts them
+  (`broadcast_buckets`), and the engine copies its buckets into its LoRA buffers; both copies
+  are captured CUDA graphs (`AdapterCopy`).
 
 Every update carries a version: the number of learner steps behind it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -133,23 +137,64 @@ def bucket_ranges(numels: list[int], bucket_numel: int) -> list[tuple[int, int]]
     return ranges
 
 
-def send_buckets(tensors: list[torch.Tensor], comm: Broadcaster, bucket_numel: int, src: int = 0) -> None:
-    """Broadcast `tensors` (one dtype) from rank `src` as flat buckets; `receive_buckets` is the other end."""
-    for start, stop in bucket_ranges([t.numel() for t in tensors], bucket_numel):
-        comm.broadcast(torch.cat([t.reshape(-1) for t in tensors[start:stop]]), src=src)
-
-
-def receive_buckets(
-    shapes: list[list[int]], dtype: torch.dtype, device: torch.device | str, comm: Broadcaster, bucket_numel: int,
-    src: int = 0,
-) -> Iterator[tuple[int, list[torch.Tensor]]]:  # fmt: skip
-    """Yield (index of the first tensor, tensors) per bucket as it arrives, viewed in `shapes`."""
-    numels = [int(torch.Size(s).numel()) for s in shapes]
+def bucket_buffers(
+    shapes: list[list[int]], dtype: torch.dtype, device: torch.device | str, bucket_numel: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """Flat buffers, one per bucket (`bucket_ranges`), and a view of each tensor of `shapes` in
+    them, in order. Allocated once at connect: every step's broadcast reuses them, and the copies
+    in and out of them are captured once as a CUDA graph (`AdapterCopy`), on both ends."""
+    numels = [math.prod(s) for s in shapes]
+    buckets, views = [], []
     for start, stop in bucket_ranges(numels, bucket_numel):
         flat = torch.empty(sum(numels[start:stop]), dtype=dtype, device=device)
-        comm.broadcast(flat, src=src)
-        parts = flat.split(numels[start:stop])
-        yield start, [p.view(shapes[start + i]) for i, p in enumerate(parts)]
+        buckets.append(flat)
+        views += [part.view(shapes[start + i]) for i, part in enumerate(flat.split(numels[start:stop]))]
+    return buckets, views
+
+
+def broadcast_buckets(buckets: list[torch.Tensor], comm: Broadcaster, src: int = 0) -> None:
+    """Broadcast each bucket in place: rank `src`'s values land in every other rank's buffers."""
+    for bucket in buckets:
+        comm.broadcast(bucket, src=src)
+
+
+class AdapterCopy:
+    """A and B·scale (scaled at the source's precision) from `src` into `dst` views: the learner's
+    LoRA tensors into the engine's slot (CUDA IPC), or into the broadcast buckets, and the
+    buckets into the slot (NCCL).
+
+    Sources (fp32) and destinations (bf16, strided slot views) differ in dtype and layout, so the
+    foreach ops fall back to one kernel per tensor: ~500 launches, ~2.5 ms on a 0.5B model. The
+    addresses never change (the learner updates its tensors in place; slot and buckets stay), so
+    on CUDA the copy is captured once as a graph and each call is one replay. The tensors are
+    held here: the graph reads their addresses, and mapped ones stay mapped only while referenced.
+    """
+
+    def __init__(self, dst_a: list[torch.Tensor], src_a: list[torch.Tensor], dst_b: list[torch.Tensor],
+                 src_b: list[torch.Tensor], scale: float) -> None:  # fmt: skip
+        self.dst_a, self.src_a, self.dst_b, self.src_b, self.scale = dst_a, src_a, dst_b, src_b, scale
+        self.graph = self._capture() if dst_a[0].is_cuda else None
+
+    def _copy(self) -> None:
+        torch._foreach_copy_(self.dst_a, self.src_a)
+        torch._foreach_copy_(self.dst_b, torch._foreach_mul(self.src_b, self.scale))
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
+            self._copy()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._copy()
+        return graph
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self._copy()
+        else:
+            self.graph.replay()
 
 
 # --- CUDA IPC path: one copy of the base weights, the adapter mapped --------------------------
@@ -188,25 +233,35 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def _engine_source(name: str, engine: dict[str, Any], packed: dict[str, list[str]]) -> tuple[str, list[str]] | None:
+    """The engine tensor that holds HF parameter `name`, and the HF names stacked before it there.
+
+    vLLM fuses some linears (packed: qkv_proj -> [q_proj, k_proj, v_proj]) by stacking their
+    rows (or, 4-bit, their shards) in that order. None if the engine has no such tensor.
+    """
+    if name in engine:
+        return name, []
+    module, _, kind = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    join = lambda part: f"{parent}.{part}.{kind}" if parent else f"{part}.{kind}"  # noqa: E731
+    for fused, parts in packed.items():
+        if leaf in parts and join(fused) in engine:
+            return join(fused), [join(p) for p in parts[: parts.index(leaf)]]
+    return None
+
+
 def _engine_view(
     name: str, shape: torch.Size, engine: dict[str, torch.Tensor], packed: dict[str, list[str]],
     shapes: dict[str, torch.Size],
 ) -> torch.Tensor | None:  # fmt: skip
     """The slice of an engine tensor that holds HF parameter `name`, or None if the engine has none.
 
-    vLLM fuses some linears (packed: qkv_proj -> [q_proj, k_proj, v_proj]) by stacking their
-    rows in order, and pads vocabulary rows to a multiple of 64: both are row slices, so views.
+    Fused linears and vocabulary rows padded to a multiple of 64 are both row slices, so views.
     """
-    module, _, kind = name.rpartition(".")
-    parent, _, leaf = module.rpartition(".")
-    source, offset = engine.get(name), 0
-    for fused, parts in packed.items():
-        if source is None and leaf in parts:
-            source = engine.get(f"{parent}.{fused}.{kind}" if parent else f"{fused}.{kind}")
-            siblings = [f"{parent}.{p}.{kind}" if parent else f"{p}.{kind}" for p in parts[: parts.index(leaf)]]
-            offset = sum(shapes[s][0] for s in siblings)
-    if source is None:
+    found = _engine_source(name, engine, packed)
+    if found is None:
         return None
+    source, offset = engine[found[0]], sum(shapes[s][0] for s in found[1])
     if source.shape[1:] != shape[1:] or source.shape[0] < offset + shape[0]:
         raise ValueError(
             f"the engine's tensor for {name} has shape {tuple(source.shape)}, which cannot hold rows "
@@ -216,29 +271,84 @@ def _engine_view(
     return source[offset : offset + shape[0]]
 
 
+@dataclass
+class QuantizedWeight:
+    """One of the engine's 4-bit linears (vLLM's bitsandbytes loading): the packed NF4 bytes
+    `[bytes, 1]` of all its shards (q|k|v, gate|up, or one), byte offsets of each shard, and one
+    bitsandbytes QuantState per shard (not nested: vLLM dequantizes the double quantization)."""
+
+    packed: torch.Tensor
+    offsets: list[int]
+    states: list[Any]
+
+
+def _linear_4bit(linear: torch.nn.Linear, weight: QuantizedWeight, shard: int, name: str) -> torch.nn.Module:
+    """A bitsandbytes Linear4bit in place of HF's `linear`, over shard `shard` of the engine's bytes
+    (no copy); its bias stays on meta, to be viewed like any other parameter."""
+    import bitsandbytes as bnb
+
+    state = weight.states[shard]
+    if tuple(state.shape) != (linear.out_features, linear.in_features):
+        raise ValueError(
+            f"the engine's 4-bit shard for {name} has shape {tuple(state.shape)}, the learner's layer "
+            f"{(linear.out_features, linear.in_features)}: the engine and the learner read different model configs"
+        )
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=state.dtype, quant_type=state.quant_type, quant_storage=torch.uint8,
+                              device="meta")  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(
+        weight.packed[weight.offsets[shard] : weight.offsets[shard + 1]], requires_grad=False, quant_state=state,
+        blocksize=state.blocksize, quant_type=state.quant_type, quant_storage=torch.uint8, bnb_quantized=True,
+        module=layer,
+    )  # fmt: skip
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer
+
+
+def _swap_in_4bit_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], packed: dict[str, list[str]]) -> None:
+    """Every HF linear whose engine weight is 4-bit becomes a Linear4bit over that weight's shard."""
+    for module_name, module in list(model.named_modules()):
+        found = _engine_source(f"{module_name}.weight", quantized, packed)
+        if found is None or not isinstance(module, torch.nn.Linear):
+            continue
+        parent_name, _, leaf = module_name.rpartition(".")
+        layer = _linear_4bit(module, quantized[found[0]], len(found[1]), module_name)
+        setattr(model.get_submodule(parent_name), leaf, layer)
+    model.is_loaded_in_4bit = True  # peft then wraps these layers with its bnb LoRA layers
+
+
 def build_on_engine_weights(
-    config: Any, engine: dict[str, torch.Tensor], packed: dict[str, list[str]], trust_remote_code: bool = False
-) -> torch.nn.Module:
+    config: Any, engine: dict[str, torch.Tensor], packed: dict[str, list[str]], trust_remote_code: bool = False,
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> torch.nn.Module:  # fmt: skip
     """A transformers causal LM of `config` whose parameters are views of the engine's tensors.
 
     `engine` maps the engine model's parameter names (vLLM's, with `.base_layer` from its LoRA
     wrappers) to tensors, e.g. mapped through CUDA IPC; `packed` is the model's
     packed_modules_mapping. Nothing is copied: a write through a view is seen by the engine.
     Tied parameters (lm_head = embed_tokens) get one view. Base parameters do not require grad.
+    `quantized` (same names) holds the engine's 4-bit linears: those become bitsandbytes
+    Linear4bit layers over the engine's bytes, the rest (embeddings, norms, biases) views as above.
     """
     from transformers import AutoModelForCausalLM
 
     engine = {name.replace(".base_layer", ""): t for name, t in engine.items()}
-    if not engine:
+    quantized = {name.replace(".base_layer", ""): q for name, q in (quantized or {}).items()}
+    if not engine and not quantized:
         raise ValueError("the engine shared no weight tensors")
-    first = next(iter(engine.values()))
+    first = next(iter(engine.values())) if engine else next(iter(quantized.values())).packed
+    dtype = next((t.dtype for t in engine.values() if t.is_floating_point()), first.dtype)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=first.dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.tie_weights()  # tied names share one parameter, hence one view
+    if quantized:
+        _swap_in_4bit_linears(model, quantized, packed)
     owners: dict[int, list[tuple[str, torch.nn.Module, str]]] = {}  # one entry per tensor, all its names
     for module_name, module in model.named_modules():
         for leaf, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((f"{module_name}.{leaf}" if module_name else leaf, module, leaf))
+            if param.is_meta:  # a 4-bit weight is in place already
+                owners.setdefault(id(param), []).append((f"{module_name}.{leaf}" if module_name else leaf, module, leaf))
     shapes = {name: module._parameters[leaf].shape for group in owners.values() for name, module, leaf in group}
     for group in owners.values():
         shape = group[0][1]._parameters[group[0][2]].shape
@@ -257,14 +367,52 @@ def build_on_engine_weights(
     return model.to(first.device).eval()
 
 
+def quantized_spec(name: str, param: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """For the engine's share: how to rebuild a 4-bit linear `param` of vLLM's bitsandbytes loading
+    (its `bnb_quant_state` dict shard -> QuantState, `bnb_shard_offsets`) in another process. Adds
+    the tensors to share (each shard's absmax and code) to `tensors`; None for a plain parameter."""
+    states = getattr(param, "bnb_quant_state", None)
+    if not isinstance(states, dict):
+        return None
+    shards = []
+    for i in range(len(states)):
+        state = states[i]
+        if getattr(state, "nested", False):
+            raise ValueError(f"{name}: the engine kept a nested (double-quantized) QuantState, which is not shared")
+        tensors[f"{name}#absmax{i}"], tensors[f"{name}#code{i}"] = state.absmax, state.code
+        shards.append({"shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch."),
+                       "blocksize": int(state.blocksize), "quant_type": state.quant_type})  # fmt: skip
+    return {"offsets": [int(x) for x in param.bnb_shard_offsets], "shards": shards}
+
+
+def open_quantized(specs: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+    """The engine's 4-bit linears from `quantized_spec`s and the mapped tensors (which lose the
+    absmax and code entries)."""
+    from bitsandbytes.functional import QuantState
+
+    out = {}
+    for name, spec in specs.items():
+        states = [
+            QuantState(absmax=tensors.pop(f"{name}#absmax{i}"), shape=torch.Size(shard["shape"]),
+                       code=tensors.pop(f"{name}#code{i}"), blocksize=shard["blocksize"],
+                       quant_type=shard["quant_type"], dtype=getattr(torch, shard["dtype"]))  # fmt: skip
+            for i, shard in enumerate(spec["shards"])
+        ]
+        out[name] = QuantizedWeight(tensors.pop(name), spec["offsets"], states)
+    return out
+
+
 def model_on_engine_weights(model_cfg: Any, model_path: str, shared: bytes) -> torch.nn.Module:
-    """The learner's base model over the engine's weights, from the engine's `grpo_share_weights()`."""
+    """The learner's base model over the engine's weights, from the engine's `grpo_share_weights()`
+    (4-bit linears included when the engine serves a bitsandbytes model)."""
     from transformers import AutoConfig
 
     check_ipc_allocator()
     payload = pickle.loads(shared)
     config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-    return build_on_engine_weights(config, open_shared_tensors(payload["tensors"]), payload["packed"], model_cfg.trust_remote_code)
+    tensors = open_shared_tensors(payload["tensors"])
+    quantized = open_quantized(payload.get("quantized", {}), tensors)
+    return build_on_engine_weights(config, tensors, payload["packed"], model_cfg.trust_remote_code, quantized)
 
 
 def check_ipc_allocator() -> None:

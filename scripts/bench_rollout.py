@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -123,7 +122,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="rollout.enforce_eager=true (no CUDA graphs)")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    vb.engine_environment()  # the bare engine starts as ours does (spawned, same sampler)
     model_dir = args.models / args.shape
     if not (model_dir / "config.json").exists():
         print(json.dumps({"built": build(args.shape, model_dir)}), flush=True)

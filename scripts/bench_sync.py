@@ -1,18 +1,23 @@
 #!/usr/bin/env python
-"""Colocated weight sync and memory: one GPU, CUDA IPC (one copy of the base) vs the object store (two).
+"""Weight sync, step time and memory: one GPU with CUDA IPC (one copy of the base) or the object
+store (two), against separate GPUs with NCCL.
 
-For each model shape and sync path, runs `grpo-ray cluster=single_gpu rollout=vllm` for a few
-steps on a random-weight model (scripts/random_model.py) with LoRA r=16 on all linear layers,
-and reports, side by side:
+For each model shape and sync path, runs `grpo-ray rollout=vllm` for a few steps on a
+random-weight model (scripts/random_model.py) with LoRA r=16 on all linear layers, with
+`cluster=single_gpu` (cuda_ipc, object_store) or `cluster=split` (nccl: rollout and learner on
+two GPUs), and reports, side by side:
 - sync latency: the trainer's `time/sync` per step, from the learner's finished optimizer step
   to the engine holding the new adapter (the next generate uses it), p50 / p95 over the steps;
-  with CUDA IPC also its parts on the rollout's side: the engine call (`time/sync_engine`,
-  vLLM's collective_rpc included) and the copy in the worker (`time/sync_copy`);
-- memory: device memory used by all processes (nvidia-smi, sampled every 0.2 s through the
-  run, max), per process (max), and the learner's torch peak (`memory/learner_peak_gib`).
+  its part on the rollout's side, the engine call (`time/sync_engine`, vLLM's collective_rpc
+  included), and with CUDA IPC the copy in the worker (`time/sync_copy`);
+- memory: device memory used by all processes on all GPUs (nvidia-smi, sampled every 0.2 s
+  through the run, max), per process (max), and the learner's torch peak (`memory/learner_peak_gib`).
 Prints one JSON line per run, then a Markdown table.
 
-  python scripts/bench_sync.py --shapes qwen2.5-0.5b llama-3.1-8b --steps 30 --models /tmp/models
+A path may carry a mode: `PATH:inproc` runs vLLM's EngineCore in the rollout actor's process
+(no RPC hop), `PATH:async` sets trainer.async_steps=1 (generation of step k+1 beside training of k).
+
+  python scripts/bench_sync.py --shapes qwen2.5-0.5b llama-3.1-8b --paths cuda_ipc nccl --steps 30 --models /tmp/models
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from grpo_ray.metrics import read_metrics  # noqa: E402
 
 
 class GpuMemorySampler(threading.Thread):
-    """Max of nvidia-smi's device-wide and per-process used memory (MiB) while running."""
+    """Max of nvidia-smi's used memory, summed over the GPUs, and per process (MiB) while running."""
 
     def __init__(self, period_s: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -44,8 +49,8 @@ class GpuMemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            total = _smi(["--query-gpu=memory.used"])
-            self.total_mib = max([self.total_mib] + [int(x) for x in total if x])
+            used = [int(x) for x in _smi(["--query-gpu=memory.used"]) if x]  # one line per GPU
+            self.total_mib = max(self.total_mib, sum(used))
             for line in _smi(["--query-compute-apps=pid,used_memory"]):
                 if "," in line:
                     pid, used = (x.strip() for x in line.split(","))
@@ -64,14 +69,20 @@ def percentiles(values_s: list[float]) -> tuple[float, float]:
     return round(statistics.median(ms), 2), round(ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], 2)
 
 
+MODES = {"": [], "inproc": [], "async": ["trainer.async_steps=1"]}
+
+
 def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) -> dict:
-    """One training run with `cluster.weight_sync=path` (variant `path` or `path:inproc`, the
-    latter with vLLM's EngineCore in the rollout actor's process); its sync times and memory."""
+    """One training run with `cluster.weight_sync=PATH` (variant `PATH[:MODE]`, MODES); its sync
+    times, step times and memory."""
     path, _, mode = variant.partition(":")
+    if mode not in MODES:
+        raise SystemExit(f"--paths {variant}: unknown mode {mode!r}; modes: inproc, async")
     env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if mode == "inproc" else {})}
     overrides = [
-        f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm", "cluster=single_gpu",
-        f"cluster.weight_sync={path}", "task=arithmetic", f"trainer.max_steps={steps}", "rollout.num_generations=4",
+        f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm",
+        f"cluster={'split' if path == 'nccl' else 'single_gpu'}", f"cluster.weight_sync={path}", *MODES[mode],
+        "task=arithmetic", f"trainer.max_steps={steps}", "rollout.num_generations=4",
         "rollout.max_completion_length=16", "trainer.per_device_train_batch_size=16", "model.lora.r=16",
         "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
         f"logging.output_dir={out}", f"logging.run_name={variant.replace(':', '_')}", *extra,
@@ -91,6 +102,7 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
         **{f"{name}_ms_p50_p95": value for name, value in parts.items()},
         "sync_ms_min": round(min(r["time/sync"] for r in records) * 1e3, 2),
         "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
+        "tokens_per_s_p50": round(statistics.median(r["perf/tokens_per_s"] for r in records)),
         "gpu_used_gib_max": round(sampler.total_mib / 1024, 2),
         "per_process_gib_max": sorted((round(v / 1024, 2) for v in sampler.per_pid_mib.values()), reverse=True),
         "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
@@ -102,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"])
     parser.add_argument("--paths", nargs="+", default=["cuda_ipc", "object_store"],
-                        help="cluster.weight_sync values; PATH:inproc runs vLLM's EngineCore in the rollout's process")
+                        help="cluster.weight_sync values (nccl: cluster=split, two GPUs), each optionally PATH:inproc or PATH:async")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "grpo_ray_models")
     args, extra = parser.parse_known_args()
@@ -112,15 +124,21 @@ def main() -> None:
         if not (model_dir / "config.json").exists():
             print(json.dumps({"built": build(shape, model_dir)}), flush=True)
         for path in args.paths:
-            results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
+            try:
+                results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
+            except subprocess.CalledProcessError as e:  # the row says so; the other paths still run
+                results.append({"bench": "sync", "model": model_dir.name, "weight_sync": path, "error": f"exit {e.returncode}"})
             print(json.dumps(results[-1]), flush=True)
-    print("\n| model | weight_sync | sync p50 / p95 ms | of which engine call / copy p50 ms | step p50 s | "
+    print("\n| model | weight_sync | sync p50 / p95 ms | of which engine call / copy p50 ms | step p50 s | tokens/s p50 | "
           "GPU used max GiB | per process GiB | learner peak GiB |")
-    print("|---|---|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {r['weight_sync']} | failed ({r['error']}; its log is above) |||||||")
+            continue
         engine, copy = (r.get(f"{name}_ms_p50_p95", ("-",))[0] for name in ("sync_engine", "sync_copy"))
         print(f"| {r['model']} | {r['weight_sync']} | {' / '.join(map(str, r['sync_ms_p50_p95']))} | {engine} / {copy} | "
-              f"{r['step_s_p50']} | {r['gpu_used_gib_max']} | {r['per_process_gib_max']} | {r['learner_peak_gib']} |")  # fmt: skip
+              f"{r['step_s_p50']} | {r['tokens_per_s_p50']} | {r['gpu_used_gib_max']} | {r['per_process_gib_max']} | {r['learner_peak_gib']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

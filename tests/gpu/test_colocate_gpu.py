@@ -31,7 +31,9 @@ from grpo_ray.actors.learner import LearnerActor, SyncCheckError  # noqa: E402
 from grpo_ray.actors.rollout import RolloutActor  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
 from grpo_ray.models import load_model  # noqa: E402
-from tests.gpu.vllm_helpers import ROWS, TEMPERATURE, random_adapter, scored_rollout, teacher_forced_gap  # noqa: E402
+from tests.gpu.vllm_helpers import (  # noqa: E402
+    ROWS, TEMPERATURE, gaps_to_adapter_and_base, random_adapter, scored_rollout, teacher_forced_gap,
+)
 
 G, MAX_NEW = 4, 24
 SYNC_TOL = 0.1  # trainer.sync_check_tolerance's default
@@ -121,9 +123,7 @@ def test_adapter_pulled_through_ipc_changes_the_engine_and_stale_rollouts_are_ca
         engine.pull_weights(0)
         times.append((time.perf_counter() - start) * 1e3)
     fresh = engine.generate(ROWS, version=0)
-    gap = teacher_forced_gap(learner.model, fresh, pad_id)
-    with learner.model.disable_adapter():
-        gap_base = teacher_forced_gap(learner.model, fresh, pad_id)
+    gap, gap_base = gaps_to_adapter_and_base(learner.model, fresh, pad_id)
     print(f"pull_weights {min(times):.2f}-{max(times):.2f} ms; |engine - learner| = {gap:.4f}, "
           f"|engine - base| = {gap_base:.4f}")  # fmt: skip
     assert gap < SYNC_TOL and gap_base > 4 * gap

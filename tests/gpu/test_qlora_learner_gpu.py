@@ -101,6 +101,10 @@ VARIANTS = {
     "offload+budget+padding_free": ["trainer.gradient_checkpointing=offload",
                                     f"trainer.max_tokens_per_microbatch={BUDGET}", "trainer.padding_free=true"],
     "offload+sequence_chunks": ["trainer.gradient_checkpointing=offload", "trainer.sequence_chunk_tokens=16"],
+    # fp32 compute (model.dtype=float32: the 4-bit base dequantized to fp32): the reference for bf16 rounding
+    "offload@fp32": ["trainer.gradient_checkpointing=offload", "model.dtype=float32"],
+    "offload+sequence_chunks@fp32": ["trainer.gradient_checkpointing=offload", "trainer.sequence_chunk_tokens=16",
+                                     "model.dtype=float32"],
 }  # fmt: skip
 
 
@@ -157,9 +161,16 @@ def test_checkpointing_gives_the_step_without_it(steps, mode):
 
 
 def test_mlp_in_sequence_chunks_gives_the_one_pass_step(steps):
-    err = _errors("offload+sequence_chunks vs one pass", steps["offload+sequence_chunks"], steps["offload"])
-    assert err["loss_abs"] < 1e-3 and err["kl_abs"] < 1e-3  # other matmul shapes: other bf16 roundings
-    assert err["grad_rel"] < 5e-2
+    # fp32 compute: chunks change only the matmuls' shapes, so the step is the one-pass step
+    err = _errors("fp32: offload+sequence_chunks vs one pass", steps["offload+sequence_chunks@fp32"], steps["offload@fp32"])
+    assert err["loss_abs"] < 1e-4 and err["kl_abs"] < 1e-4 and err["grad_rel"] < 1e-3
+    # bf16: a 16-token chunk takes other GEMM kernels than the whole sequence, so other roundings
+    # (H200: KL 7.4e-3 apart). Measured against the fp32 step, the chunked bf16 step must be as close
+    # as the one-pass bf16 step is: the gap is bf16's, not the chunking's.
+    one_pass = _errors("bf16 one pass vs fp32", steps["offload"], steps["offload@fp32"])
+    chunked = _errors("bf16 sequence chunks vs fp32", steps["offload+sequence_chunks"], steps["offload@fp32"])
+    for key in ("loss_abs", "kl_abs", "grad_rel"):
+        assert chunked[key] <= 2 * one_pass[key] + 1e-6, key
 
 
 @pytest.mark.parametrize("variant", ["offload+budget", "offload+budget+padding_free"])

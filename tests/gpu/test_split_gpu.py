@@ -26,7 +26,7 @@ if torch.cuda.is_available() and torch.cuda.device_count() < 2:
 from grpo_ray.actors.learner import LearnerActor  # noqa: E402
 from grpo_ray.actors.rollout import RolloutActor  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
-from tests.gpu.vllm_helpers import ROWS, TEMPERATURE, random_adapter, teacher_forced_gap  # noqa: E402
+from tests.gpu.vllm_helpers import ROWS, TEMPERATURE, gaps_to_adapter_and_base, random_adapter  # noqa: E402
 
 SYNC_TOL = 0.1
 
@@ -64,9 +64,7 @@ def test_adapter_broadcast_over_nccl_reaches_the_engine(vllm_model_dir):
             thread.join(120)
             took = (time.perf_counter() - start) * 1e3
             rollout = engine.generate(ROWS, version=version)
-            gap = teacher_forced_gap(learner.model, rollout, pad_id)
-            with learner.model.disable_adapter():
-                gap_base = teacher_forced_gap(learner.model, rollout, pad_id)
+            gap, gap_base = gaps_to_adapter_and_base(learner.model, rollout, pad_id)
             print(f"\nv{version}: broadcast + receive {took:.1f} ms (1 MiB buckets); |engine - learner| = {gap:.4f}, "
                   f"|engine - base| = {gap_base:.4f}")  # fmt: skip
             assert engine.version == version and gap < SYNC_TOL and gap_base > 4 * gap

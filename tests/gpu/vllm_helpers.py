@@ -33,6 +33,13 @@ def teacher_forced_gap(model, rollout: Rollout, pad_id: int) -> float:
     return (((logp - sampling).abs() * mask).sum() / mask.sum()).item()
 
 
+def gaps_to_adapter_and_base(model, rollout: Rollout, pad_id: int) -> tuple[float, float]:
+    """`teacher_forced_gap` of a peft model with its adapter, and with it disabled (the base)."""
+    gap = teacher_forced_gap(model, rollout, pad_id)
+    with model.disable_adapter():
+        return gap, teacher_forced_gap(model, rollout, pad_id)
+
+
 def scored_rollout(rollout: Rollout, seed: int = 0) -> ScoredRollout:
     advantages = torch.randn(rollout.num_completions, generator=torch.Generator().manual_seed(seed))
     rewards = torch.zeros(rollout.num_completions)

@@ -99,3 +99,24 @@ def test_padding_free_with_an_attention_that_may_cross_sequences_is_refused(tiny
                        "+model.init_kwargs.attn_implementation=paged|eager"])  # fmt: skip
     with pytest.raises(ValueError, match=r"trainer.padding_free=true .*'paged\|eager'"):
         LearnerActor(cfg, str(tiny_model_dir))
+
+
+def test_broadcast_sends_the_current_adapter_in_the_engines_layout(tiny_model_dir):
+    """cluster.weight_sync=nccl, the learner's end: buckets filled from the LoRA parameters each step."""
+    from grpo_ray.weights import adapter_tensors, engine_values
+    from tests.unit.test_weights import Wire
+
+    cfg = load_config([f"model.name_or_path={tiny_model_dir}", "model.lora.r=4", "model.lora.alpha=8",
+                       "model.dtype=bfloat16", "cluster.nccl_bucket_mb=1"])  # fmt: skip
+    learner = LearnerActor(cfg, str(tiny_model_dir))
+    learner.weight_group = wire = Wire()
+    learner._buckets, learner._fill_buckets = learner._adapter_buckets()
+    for step in range(2):
+        with torch.no_grad():  # an optimizer step: the parameters change in place
+            for p in learner.model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        learner.broadcast_weights()
+        expected = engine_values(adapter_tensors(learner.model), 8 / 4, torch.bfloat16)
+        assert torch.equal(torch.cat(wire.sent), torch.cat([v.reshape(-1) for v in expected]))
+        wire.sent.clear()

@@ -119,7 +119,7 @@ def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
     engine = FakeEngine()
     backend = object.__new__(vb.VLLMBackend)  # no engine start: only the write path
     layout = engine.collective_rpc("grpo_lora_layout")[0]
-    backend.llm, backend.scale, backend.dtype, backend._plan = engine, 16 / 4, torch.bfloat16, None
+    backend.llm, backend.scale, backend.dtype, backend._plan, backend.timings = engine, 16 / 4, torch.bfloat16, None, {}
     backend.layout, backend.packed, backend.adapter_dir = layout["modules"], layout["packed"], "unused"
     backend._serve_version = lambda version: setattr(backend, "served", version)  # LoRARequest needs vllm
     tensors = peft_tensors(r=4)
@@ -135,6 +135,7 @@ def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
     down = engine.manager.modules["model.layers.0.mlp.down_proj"]
     a_down = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
     assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and backend.served == 1
+    assert backend.timings["time/sync_engine"] > 0  # the next rollout's metric
     # a second update replaces the values (same plan, no reload), served under the new version's name
     backend.load_adapter(AdapterWeights(version=2, tensors={k: -v for k, v in tensors.items()}))
     assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (-a_k).bfloat16()) and backend.served == 2
@@ -225,7 +226,7 @@ def test_each_write_is_served_under_a_new_name_even_for_a_version_seen_before(mo
     engine = FakeEngine()
     backend = object.__new__(vb.VLLMBackend)
     layout = engine.collective_rpc("grpo_lora_layout")[0]
-    backend.llm, backend.scale, backend.dtype, backend._plan, backend._writes = engine, 4.0, torch.bfloat16, None, 0
+    backend.llm, backend.scale, backend.dtype, backend._plan, backend._writes, backend.timings = engine, 4.0, torch.bfloat16, None, 0, {}
     backend.layout, backend.packed, backend.adapter_dir = layout["modules"], layout["packed"], "unused"
     tensors = peft_tensors(r=4)
     names = []

@@ -8,6 +8,7 @@ plain CPU tensors laid out as vLLM lays them out, which is what the view-buildin
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from grpo_ray import weights as w
 from grpo_ray.actors import vllm_backend as vb
-from grpo_ray.config import ConfigError, load_config
+from grpo_ray.config import ConfigError, load_config, weight_sync_path
 from tests.conftest import run_ranks
 from tests.unit.test_vllm_backend import LAYOUT, PACKED, FakeEngine, peft_tensors
 
@@ -68,18 +69,38 @@ class Wire:
 
 def test_buckets_sent_are_received_as_the_same_tensors():
     tensors = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2), torch.randn(40)]
+    shapes = [list(t.shape) for t in tensors]
     wire = Wire()
-    w.send_buckets(tensors, wire, bucket_numel=24)
-    assert [t.numel() for t in wire.sent] == [22, 8, 40]  # 15+7 | 8 | 40 alone
+    buckets, views = w.bucket_buffers(shapes, torch.float32, "cpu", bucket_numel=24)
+    assert [b.numel() for b in buckets] == [22, 8, 40]  # 15+7 | 8 | 40 alone
+    torch._foreach_copy_(views, tensors)
+    w.broadcast_buckets(buckets, wire)
     wire.receiving = True
-    received = [t for _, parts in w.receive_buckets([list(t.shape) for t in tensors], torch.float32, "cpu", wire, 24)
-                for t in parts]  # fmt: skip
-    assert all(torch.equal(a, b) for a, b in zip(tensors, received)) and len(received) == 4
+    received_buckets, received = w.bucket_buffers(shapes, torch.float32, "cpu", bucket_numel=24)
+    w.broadcast_buckets(received_buckets, wire)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, received)) and len(received) == 4 and not wire.sent
+
+
+def test_bucket_views_alias_their_buckets():  # a copy into the views is what the broadcast sends
+    buckets, views = w.bucket_buffers([[2, 3], [4]], torch.bfloat16, "cpu", bucket_numel=100)
+    views[1].fill_(7)
+    assert len(buckets) == 1 and buckets[0][6:].eq(7).all() and views[0].shape == (2, 3)
+
+
+def test_adapter_copy_writes_a_and_scaled_b_each_call():
+    src_a, src_b = [torch.randn(2, 3)], [torch.randn(3, 2)]
+    dst_a, dst_b = [torch.zeros(2, 3, dtype=torch.bfloat16)], [torch.zeros(3, 2, dtype=torch.bfloat16)]
+    copy = w.AdapterCopy(dst_a, src_a, dst_b, src_b, 2.5)
+    for _ in range(2):  # the sources change in place between calls (the optimizer step)
+        copy()
+        assert torch.equal(dst_a[0], src_a[0].bfloat16()) and torch.equal(dst_b[0], (src_b[0] * 2.5).bfloat16())
+        src_a[0].add_(1.0)
+        src_b[0].mul_(-1.0)
 
 
 def _gloo_rank(rank: int, port: int, queue, world_size: int = 2) -> None:
     """One rank of a real broadcast over torch.distributed (gloo), as NCCL would run it: rank 0
-    the learner, the others rollout engines."""
+    the learner, the others rollout engines; two steps through the same buffers."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
     class Gloo:
@@ -88,12 +109,16 @@ def _gloo_rank(rank: int, port: int, queue, world_size: int = 2) -> None:
 
     torch.manual_seed(0)
     tensors = [torch.randn(16, 8).bfloat16(), torch.randn(8, 16).bfloat16(), torch.randn(3, 8).bfloat16()]
-    if rank == 0:
-        w.send_buckets(tensors, Gloo(), bucket_numel=200)
-    else:
-        shapes = [list(t.shape) for t in tensors]
-        got = [t for _, parts in w.receive_buckets(shapes, torch.bfloat16, "cpu", Gloo(), 200) for t in parts]
-        queue.put(all(torch.equal(a, b) for a, b in zip(tensors, got)) and len(got) == 3)
+    buckets, views = w.bucket_buffers([list(t.shape) for t in tensors], torch.bfloat16, "cpu", 200)
+    same = []
+    for step in range(2):
+        expected = [t + step for t in tensors]
+        if rank == 0:
+            torch._foreach_copy_(views, expected)
+        w.broadcast_buckets(buckets, Gloo())
+        same.append(all(torch.equal(a, b) for a, b in zip(expected, views)))
+    if rank:
+        queue.put(all(same) and len(buckets) == 2)
     dist.destroy_process_group()
 
 
@@ -178,6 +203,31 @@ def test_model_on_engine_weights_refuses_tensors_of_another_config(original):
                                                             "gate_up_proj": ["gate_proj", "up_proj"]})  # fmt: skip
 
 
+def _4bit_param(nested: bool = False) -> torch.nn.Parameter:
+    """An engine parameter as vLLM's bitsandbytes loading leaves a fused q|k linear: packed bytes, shard
+    offsets, one QuantState per shard (stand-ins with QuantState's fields)."""
+    param = torch.nn.Parameter(torch.zeros(12, 1, dtype=torch.uint8), requires_grad=False)
+    state = lambda rows: SimpleNamespace(absmax=torch.rand(rows), code=torch.linspace(-1, 1, 16), nested=nested,  # noqa: E731
+                                         shape=torch.Size([rows, 2]), dtype=torch.bfloat16, blocksize=64, quant_type="nf4")
+    param.bnb_quant_state = {0: state(8), 1: state(4)}
+    param.bnb_shard_offsets = torch.tensor([0, 8, 12])
+    return param
+
+
+def test_a_4bit_engine_weight_is_shared_with_what_rebuilds_its_shards():
+    param, tensors = _4bit_param(), {}
+    spec = w.quantized_spec("layers.0.qk_proj.weight", param, tensors)
+    assert spec == {"offsets": [0, 8, 12], "shards": [
+        {"shape": [8, 2], "dtype": "bfloat16", "blocksize": 64, "quant_type": "nf4"},
+        {"shape": [4, 2], "dtype": "bfloat16", "blocksize": 64, "quant_type": "nf4"}]}  # fmt: skip
+    states = param.bnb_quant_state
+    assert tensors["layers.0.qk_proj.weight#absmax1"] is states[1].absmax  # shared as is, through CUDA IPC
+    assert tensors["layers.0.qk_proj.weight#code0"] is states[0].code and len(tensors) == 4
+    assert w.quantized_spec("layers.0.norm.weight", torch.nn.Parameter(torch.ones(2)), tensors) is None
+    with pytest.raises(ValueError, match="nested"):
+        w.quantized_spec("x", _4bit_param(nested=True), {})
+
+
 def test_expandable_segments_are_refused_for_ipc(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
     with pytest.raises(RuntimeError, match="remove expandable_segments:True"):
@@ -225,16 +275,22 @@ def test_each_pull_reports_its_parts_for_the_next_rollouts_metrics(monkeypatch):
 def test_nccl_path_receives_buckets_into_the_slot():
     engine, learner = FakeEngine(), peft_tensors(r=4)
     modules, slices, _ = plan_args(learner)
-    values = w.engine_values(learner, 4.0, torch.bfloat16)
-    wire = Wire()
-    w.send_buckets(values, wire, bucket_numel=100)
-    wire.receiving = True
-    engine.worker._grpo_group = wire
+    values = w.engine_values(learner, 4.0, torch.bfloat16)  # what the learner's buckets hold
     shapes = [list(v.shape) for v in values]
-    assert engine.collective_rpc("grpo_receive_adapter", (vb.LORA_ID, modules, slices, shapes, "bfloat16", 100))[0] == 14
+    wire = Wire()
+    engine.worker._grpo_join(wire, vb.LORA_ID, modules, slices, shapes, "bfloat16", 100)
     down = engine.manager.modules["model.layers.0.mlp.down_proj"]
     a_down = learner["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
-    assert torch.equal(down.lora_a_stacked[0][1, 0, :4], a_down.bfloat16()) and not wire.sent
+    b_down = learner["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    for sign in (1, -1):  # two steps through the same buckets and captured copy
+        sent, sent_views = w.bucket_buffers(shapes, torch.bfloat16, "cpu", 100)
+        torch._foreach_copy_(sent_views, [sign * v for v in values])
+        w.broadcast_buckets(sent, wire)
+        wire.receiving = True
+        assert engine.collective_rpc("grpo_receive_adapter")[0] == 14
+        assert torch.equal(down.lora_a_stacked[0][1, 0, :4], (sign * a_down).bfloat16()) and not wire.sent
+        assert torch.equal(down.lora_b_stacked[0][1, 0, :, :4], (sign * b_down * 4).bfloat16())  # scaled once
+        del wire.receiving
 
 
 # --- which path a config picks -------------------------------------------------------------------
@@ -256,7 +312,6 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
     "overrides, message",
     [(["cluster.weight_sync=cuda_ipc"], "needs rollout=vllm and cluster=single_gpu"),
      (["rollout=vllm", "cluster=single_gpu", "cluster.weight_sync=nccl"], "needs rollout=vllm and cluster=split"),
-     (["rollout=vllm", "cluster=single_gpu", "model.quantization=nf4"], "not built yet: set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1"], "rollout.release_memory=false"),
      (["trainer.sync_check_interval=-1"], "sync_check_interval must be >= 0"),
      (["trainer.sequence_chunk_tokens=-8"], "sequence_chunk_tokens must be >= 0"),
@@ -266,11 +321,26 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout=vllm", "cluster=single_gpu", "cluster.rollout_engines=2"], "rollout_engines=2: .*and 1 with cluster=single_gpu"),
      (["cluster.rollout_engines=9"], "rollout_engines=9: .*at most the prompts of a step \\(8\\)"),
      (["cluster.rollout_engines=0"], "rollout_engines=0: needs at least 1"),
-     (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1")],
+     (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1"),
+     (["rollout=vllm", "cluster=split", "cluster.rollout_engines=2", "cluster.rollout_gpus=0.5"],
+      "rollout_gpus=0.5 and cluster.learner_gpus=1 must be at least 1.*set cluster.weight_sync=object_store"),
+     (["rollout=vllm", "cluster=split", "cluster.weight_sync=object_store", "cluster.learner_workers=2",
+       "cluster.learner_gpus=0.5"], "learner_workers=2 .*learner_gpus=0.5 must be at least 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides)
+
+
+def test_a_4bit_base_is_shared_colocated():  # the learner maps the engine's 4-bit linears (weights.QuantizedWeight)
+    cfg = load_config(["rollout=vllm", "cluster=single_gpu", "model.quantization=nf4"])
+    assert weight_sync_path(cfg) == "cuda_ipc" and w.make_weight_sync(cfg).shares_base
+
+
+def test_engines_may_share_a_gpu_when_the_adapter_goes_through_the_object_store():
+    cfg = load_config(["rollout=vllm", "cluster=split", "cluster.rollout_engines=2", "cluster.rollout_gpus=0.5",
+                       "cluster.weight_sync=object_store"])  # fmt: skip
+    assert cfg.cluster.rollout_gpus == 0.5 and weight_sync_path(cfg) == "object_store"
 
 
 def test_async_colocated_is_allowed_when_the_engine_keeps_its_memory():
