@@ -55,6 +55,15 @@ class NonFiniteError(FloatingPointError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+def cap_memory(device: torch.device, gib: float) -> None:
+    """Let PyTorch in this process allocate at most `gib` GiB on `device` (cluster.learner_memory_gib):
+    beyond it an out-of-memory error, not memory taken from a colocated engine."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ValueError(f"cluster.learner_memory_gib={gib:g} is more than the GPU has ({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+
+
 class LearnerActor:
     """Trains a LoRA adapter on scored rollouts; exports the adapter after each step."""
 
@@ -72,6 +81,8 @@ class LearnerActor:
         self.group = LearnerGroup(rank, world_size)
         if self.device.index is not None:  # collectives and streams follow the current device
             torch.cuda.set_device(self.device)
+        if cfg.cluster.learner_memory_gib:
+            cap_memory(self.device, cfg.cluster.learner_memory_gib)
         self.pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id
         base = (load_model(cfg.model, model_path, self.device) if shared_weights is None
                 else model_on_engine_weights(cfg.model, model_path, shared_weights))  # fmt: skip

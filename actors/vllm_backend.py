@@ -180,6 +180,7 @@ def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: b
         trust_remote_code=cfg.model.trust_remote_code, dtype=str(torch_dtype(cfg.model.dtype, "cuda")).removeprefix("torch."),
         quantization="bitsandbytes" if cfg.model.quantization == "nf4" else None,
         seed=cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+        kv_cache_memory_bytes=None if rollout.kv_cache_gib is None else int(rollout.kv_cache_gib * 2**30),
         enforce_eager=rollout.enforce_eager, max_model_len=max_model_len(rollout),
         enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(cfg.model.lora.r),
         logprobs_mode="processed_logprobs", distributed_executor_backend="uni", enable_sleep_mode=release_memory,
@@ -352,12 +353,15 @@ def start_engine(args: dict[str, Any]) -> Any:
         return LLM(**args, worker_cls=WORKER_CLS)
     except (RuntimeError, ValueError) as e:
         length = "the model's own limit" if args["max_model_len"] is None else args["max_model_len"]
+        kv_bytes = args.get("kv_cache_memory_bytes")
+        share = (f"rollout.gpu_memory_utilization (now {args['gpu_memory_utilization']})" if kv_bytes is None
+                 else f"rollout.kv_cache_gib (now {kv_bytes / 2**30:g})")  # fmt: skip
         raise EngineStartError(
             f"the vLLM engine did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}. If the cause, "
             "here or in the engine's log above, is GPU memory (no room for the KV cache, or a sequence of "
-            f"max_model_len = {length} tokens not fitting in it): raise rollout.gpu_memory_utilization (now "
-            f"{args['gpu_memory_utilization']}), or lower rollout.max_prompt_length + rollout.max_completion_length; "
-            "colocated (cluster=single_gpu), the engine's share must also leave the learner room"
+            f"max_model_len = {length} tokens not fitting in it): raise {share}, or lower rollout.max_prompt_length "
+            "+ rollout.max_completion_length; colocated (cluster=single_gpu), the engine's share must also leave "
+            "the learner room"
         ) from e
 
 

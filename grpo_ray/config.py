@@ -80,6 +80,7 @@ class RolloutConfig:
     max_completion_length: int = 256
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.3  # vllm only: the engine's share of the GPU (weights, KV cache, activations)
+    kv_cache_gib: Optional[float] = None  # vllm only: the KV cache's size in GiB, in place of gpu_memory_utilization's
     # vllm, cluster=single_gpu: the engine frees its KV cache while the learner trains and takes it back to generate
     release_memory: bool = True
     enforce_eager: bool = False  # vllm only
@@ -170,6 +171,9 @@ class ClusterConfig:
     # auto: cuda_ipc for vllm colocated (one copy of the base weights), nccl for vllm split, else object_store.
     weight_sync: str = "auto"
     nccl_bucket_mb: int = 256  # nccl: adapter bytes per broadcast
+    # Cap on each learner's PyTorch memory on its GPU (torch.cuda.set_per_process_memory_fraction);
+    # going over is an out-of-memory error, not memory taken from the engine. 0: no cap.
+    learner_memory_gib: float = 0.0
 
 
 @dataclass
@@ -323,6 +327,16 @@ def _validate_placement(cfg: DictConfig) -> None:
             "with cluster=single_gpu (one GPU)"
         )
     _validate_whole_gpus(cfg)
+    if cfg.cluster.learner_memory_gib < 0 or (cfg.cluster.learner_memory_gib and placement == "cpu"):
+        raise ConfigError(
+            f"cluster.learner_memory_gib={cfg.cluster.learner_memory_gib:g} caps the learner's GPU memory: it must be "
+            f">= 0 (0: no cap), and 0 with cluster.placement=cpu"
+        )
+    if cfg.rollout.kv_cache_gib is not None and (cfg.rollout.kv_cache_gib <= 0 or backend != "vllm"):
+        raise ConfigError(
+            f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} sets the vLLM engine's KV cache: it must be > 0 and "
+            "needs rollout=vllm (null: sized by rollout.gpu_memory_utilization)"
+        )
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")
 

@@ -290,12 +290,13 @@ def measure(name: str, row: Row, shape_name: str, shape: Shape, cap_gib: float |
     process's allocations (torch.cuda.set_per_process_memory_fraction): going over is an OOM."""
     from transformers import LlamaConfig
 
+    from grpo_ray.actors.learner import cap_memory
     from grpo_ray.errors import OutOfMemory
 
     config = LlamaConfig(**shape.config)
     device = torch.device("cuda", torch.cuda.current_device())
     if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
+        cap_memory(device, cap_gib)  # as cluster.learner_memory_gib does in the learner actor
     tokens = shape.generations * (shape.prompt_tokens + shape.completion_tokens)
     record: dict[str, Any] = {"row": name, "shape": shape_name, **asdict(row), "tokens": tokens, "cap_gib": cap_gib,
                               "device": torch.cuda.get_device_name(device), **versions()}  # fmt: skip

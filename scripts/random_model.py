@@ -33,6 +33,10 @@ SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
                          rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6, initializer_range=0.02),
+    # Qwen/Qwen2.5-1.5B's dimensions: the "5 GB of GPU memory" shape (issue 7)
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
+                         rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6, initializer_range=0.02),
     "llama-3.1-8b": LLAMA_31_8B,
 }  # fmt: skip
 

@@ -135,7 +135,7 @@ def test_adapter_pulled_through_ipc_changes_the_engine_and_stale_rollouts_are_ca
 
 def test_kv_cache_is_released_and_taken_back_without_growth(engine, learner, cfg):
     backend = engine.backend
-    free_asleep, free_awake = [], []
+    free_asleep, free_awake, learner_held = [], [], []
     for cycle in range(4):
         torch.cuda.synchronize()
         free_asleep.append(torch.cuda.mem_get_info()[0])
@@ -145,6 +145,8 @@ def test_kv_cache_is_released_and_taken_back_without_growth(engine, learner, cfg
         rollout = engine.generate(ROWS, version=learner.version)  # wake, generate, sleep
         learner.train_step(scored_rollout(rollout, seed=cycle))  # the learner allocates and gives back
         engine.pull_weights(learner.version)
+        torch.cuda.synchronize()
+        learner_held.append(torch.cuda.memory_allocated())  # this process is the learner's
     gib = 2**30
     released = [(a - w) / gib for a, w in zip(free_asleep, free_awake)]
     drift = (max(free_asleep[1:]) - min(free_asleep[1:])) / gib
@@ -153,3 +155,5 @@ def test_kv_cache_is_released_and_taken_back_without_growth(engine, learner, cfg
           f"free memory while asleep drifts {drift * 1024:.1f} MiB over cycles 2-4; wake {backend.timings}")  # fmt: skip
     assert min(released) > 0.5 * budget  # most of the engine's share is its KV cache, and it goes
     assert drift < 0.125  # no growth from cycle to cycle (128 MiB: allocator rounding)
+    print(f"learner's allocated memory after each cycle: {[f'{b / 2**20:.1f}' for b in learner_held]} MiB")
+    assert max(learner_held[1:]) - min(learner_held[1:]) < 2**20  # optimizer state from cycle 1 on, nothing more

@@ -166,3 +166,16 @@ def test_bf16_triton_no_further_from_fp32_than_reference(steps):
     e_ref = _report("bf16 reference vs fp32 reference", steps[("bfloat16", "reference")], truth)
     for key in ("logp_max_abs", "grad_rel", "loss_abs"):
         assert e_triton[key] <= 2.0 * e_ref[key] + 1e-3, (key, e_triton[key], e_ref[key])
+
+
+def test_learner_memory_cap_makes_going_over_an_out_of_memory_error(wide_model_dir):
+    cfg = load_config([f"model.name_or_path={wide_model_dir}", "model.dtype=auto", "cluster=split",
+                       "cluster.learner_memory_gib=2"])  # fmt: skip
+    learner = LearnerActor(cfg, str(wide_model_dir), device="cuda")
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda")  # free on the device, but over the cap
+        torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        del learner

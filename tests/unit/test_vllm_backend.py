@@ -214,6 +214,9 @@ def test_engine_args_follow_the_config_and_sleep_only_when_releasing_memory():
     assert args["max_model_len"] == 128 and args["gpu_memory_utilization"] == 0.2 and args["seed"] == 7
     assert args["logprobs_mode"] == "processed_logprobs" and args["distributed_executor_backend"] == "uni"
     assert not args["enable_sleep_mode"] and vb.engine_args(cfg, "/m", "/m/tok", release_memory=True)["enable_sleep_mode"]
+    assert args["kv_cache_memory_bytes"] is None  # sized by gpu_memory_utilization
+    sized = vb.engine_args(load_config(["rollout=vllm", "rollout.kv_cache_gib=1.5"]), "/m", "/m/tok")
+    assert sized["kv_cache_memory_bytes"] == 3 * 2**29
 
 
 def test_each_write_is_served_under_a_new_name_even_for_a_version_seen_before(monkeypatch):
@@ -251,6 +254,7 @@ def test_an_engine_that_does_not_start_names_our_memory_and_length_settings(monk
     cfg = load_config(["rollout=vllm", "rollout.gpu_memory_utilization=0.2", "rollout.max_prompt_length=100",
                        "rollout.max_completion_length=28"])  # fmt: skip
     args = vb.engine_args(cfg, "/m", "/m/tok")
+    sized = vb.engine_args(load_config(["rollout=vllm", "rollout.kv_cache_gib=2"]), "/m", "/m/tok")
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=failing_llm))
     with pytest.raises(EngineStartError) as caught:
         vb.start_engine(args)
@@ -258,3 +262,5 @@ def test_an_engine_that_does_not_start_names_our_memory_and_length_settings(monk
     assert message.startswith("the vLLM engine did not start: Engine core initialization failed.")
     assert "max_model_len = 128 tokens" in message and "rollout.gpu_memory_utilization (now 0.2)" in message
     assert "rollout.max_prompt_length + rollout.max_completion_length" in message
+    with pytest.raises(EngineStartError, match="raise rollout.kv_cache_gib \\(now 2\\)"):
+        vb.start_engine(sized)

@@ -325,7 +325,11 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout=vllm", "cluster=split", "cluster.rollout_engines=2", "cluster.rollout_gpus=0.5"],
       "rollout_gpus=0.5 and cluster.learner_gpus=1 must be at least 1.*set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=split", "cluster.weight_sync=object_store", "cluster.learner_workers=2",
-       "cluster.learner_gpus=0.5"], "learner_workers=2 .*learner_gpus=0.5 must be at least 1")],
+       "cluster.learner_gpus=0.5"], "learner_workers=2 .*learner_gpus=0.5 must be at least 1"),
+     (["cluster.learner_memory_gib=8"], "learner_memory_gib=8 caps the learner's GPU memory.*0 with cluster.placement=cpu"),
+     (["rollout=vllm", "cluster=single_gpu", "cluster.learner_memory_gib=-1"], "must be >= 0"),
+     (["rollout.kv_cache_gib=4"], "kv_cache_gib=4 sets the vLLM engine's KV cache.*needs rollout=vllm"),
+     (["rollout=vllm", "rollout.kv_cache_gib=0"], "must be > 0")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
