@@ -236,29 +236,29 @@ def random_rollout(shape: Shape, vocab: int, completion_lengths: list[int], vers
 
 
 class SmiPeak:
-    """The highest memory.used nvidia-smi reports for this process's GPU while the block runs (GiB, or None)."""
+    """The highest memory.used nvidia-smi reports while the block runs, in GiB (None if it never
+    answered): of `device`'s GPU, or summed over every GPU when `device` is None; and per process."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.uuid = str(torch.cuda.get_device_properties(device).uuid)
-        self.interval_s, self.peak = interval_s, None
+    def __init__(self, device: torch.device | None = None, interval_s: float = 0.05) -> None:
+        self.uuid = None if device is None else str(torch.cuda.get_device_properties(device).uuid)
+        self.interval_s, self.peak, self.per_process = interval_s, None, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> float | None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5, check=True).stdout  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
+        rows = _smi("--query-gpu=uuid,memory.used")
+        if not rows:
             return None
-        rows = [line.split(",") for line in out.strip().splitlines()]
-        used = [float(mib) for uuid, mib in rows if self.uuid in uuid] or [float(rows[0][1])]
-        return used[0] * 2**20 / GIB
+        used = [float(mib) for uuid, mib in rows if self.uuid is None or self.uuid in uuid]
+        return (sum(used) if self.uuid is None else (used or [float(rows[0][1])])[0]) * 2**20 / GIB
 
     def _run(self) -> None:
         while not self._stop.is_set():
             value = self.sample()
             if value is not None:
                 self.peak = max(self.peak or 0.0, value)
+            for pid, mib in _smi("--query-compute-apps=pid,used_memory"):
+                self.per_process[pid] = max(self.per_process.get(pid, 0.0), float(mib) * 2**20 / GIB)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "SmiPeak":
@@ -268,6 +268,16 @@ class SmiPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _smi(query: str) -> list[list[str]]:
+    """nvidia-smi's CSV rows for `query`, split and stripped; [] when it cannot answer."""
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [[field.strip() for field in line.split(",")] for line in out.strip().splitlines() if "," in line]
 
 
 def versions() -> dict[str, str]:

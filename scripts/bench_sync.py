@@ -29,38 +29,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import SmiPeak  # noqa: E402
 from random_model import build  # noqa: E402
 
 from grpo_ray.metrics import read_metrics  # noqa: E402
-
-
-class GpuMemorySampler(threading.Thread):
-    """Max of nvidia-smi's used memory, summed over the GPUs, and per process (MiB) while running."""
-
-    def __init__(self, period_s: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.period_s, self.total_mib, self.per_pid_mib = period_s, 0, {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            used = [int(x) for x in _smi(["--query-gpu=memory.used"]) if x]  # one line per GPU
-            self.total_mib = max(self.total_mib, sum(used))
-            for line in _smi(["--query-compute-apps=pid,used_memory"]):
-                if "," in line:
-                    pid, used = (x.strip() for x in line.split(","))
-                    self.per_pid_mib[pid] = max(self.per_pid_mib.get(pid, 0), int(used))
-            self.stop.wait(self.period_s)
-
-
-def _smi(query: list[str]) -> list[str]:
-    out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True)
-    return out.stdout.strip().splitlines()
 
 
 def percentiles(values_s: list[float]) -> tuple[float, float]:
@@ -87,13 +63,10 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
         "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
         f"logging.output_dir={out}", f"logging.run_name={variant.replace(':', '_')}", *extra,
     ]  # fmt: skip
-    sampler = GpuMemorySampler()
-    sampler.start()
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
-    wall = time.perf_counter() - start
-    sampler.stop.set()
-    sampler.join()
+    with SmiPeak(interval_s=0.2) as smi:  # every GPU: the engine's and the learner's, whichever they are
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
+        wall = time.perf_counter() - start
     records = read_metrics(out / variant.replace(':', '_'))
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
              for name in ("sync", "sync_engine", "sync_copy") if any(f"time/{name}" in r for r in records)}  # fmt: skip
@@ -103,8 +76,8 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
         "sync_ms_min": round(min(r["time/sync"] for r in records) * 1e3, 2),
         "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
         "tokens_per_s_p50": round(statistics.median(r["perf/tokens_per_s"] for r in records)),
-        "gpu_used_gib_max": round(sampler.total_mib / 1024, 2),
-        "per_process_gib_max": sorted((round(v / 1024, 2) for v in sampler.per_pid_mib.values()), reverse=True),
+        "gpu_used_gib_max": None if smi.peak is None else round(smi.peak, 2),
+        "per_process_gib_max": sorted((round(v, 2) for v in smi.per_process.values()), reverse=True),
         "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
         "sampling_logp_gap_max": round(max(r["sampling/sampling_logp_difference/max"] for r in records), 4),
     }  # fmt: skip
