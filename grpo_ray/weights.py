@@ -378,7 +378,10 @@ def quantized_spec(name: str, param: torch.Tensor, tensors: dict[str, torch.Tens
     for i in range(len(states)):
         state = states[i]
         if getattr(state, "nested", False):
-            raise ValueError(f"{name}: the engine kept a nested (double-quantized) QuantState, which is not shared")
+            raise ValueError(
+                f"{name}: the engine kept a nested (double-quantized) QuantState, which the learner cannot share; "
+                "set cluster.weight_sync=object_store (the learner then loads its own 4-bit copy)"
+            )
         tensors[f"{name}#absmax{i}"], tensors[f"{name}#code{i}"] = state.absmax, state.code
         shards.append({"shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch."),
                        "blocksize": int(state.blocksize), "quant_type": state.quant_type})  # fmt: skip
