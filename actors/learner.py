@@ -25,7 +25,7 @@ from grpo_ray.logprobs import (
     PackedBatch, check_padding_free, completion_logprobs, micro_batch_indices, pack, pad_ragged, select_kernel,
 )  # fmt: skip
 from grpo_ray.models import add_lora, load_model, load_tokenizer, torch_dtype
-from grpo_ray.parallel import LearnerGroup
+from grpo_ray.parallel import LearnerGroup, torch_threads
 from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
     AdapterCopy,
@@ -73,10 +73,7 @@ class LearnerActor:
         on its tensors (CUDA IPC, no second copy) instead of loaded. `rank` / `world_size`: this
         worker's place among cluster.learner_workers data-parallel learners (grpo_ray.parallel)."""
         torch.manual_seed(cfg.trainer.seed)
-        if cfg.cluster.cpu_threads:
-            torch.set_num_threads(cfg.cluster.cpu_threads)
-        else:  # Ray caps OMP threads at the actor's num_cpus; the learner may use the node's cores
-            torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(torch_threads(cfg.cluster.cpu_threads, world_size))
         self.cfg, self.device = cfg, torch.device(device)
         self.group = LearnerGroup(rank, world_size)
         if self.device.index is not None:  # collectives and streams follow the current device

@@ -7,7 +7,6 @@ chat templates, prompt truncation, the weight version stamped on each Rollout.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +16,7 @@ import torch
 from grpo_ray.data import prompt_token_ids
 from grpo_ray.errors import oom_advice
 from grpo_ray.models import add_lora, load_model, load_tokenizer
+from grpo_ray.parallel import torch_threads
 from grpo_ray.types import AdapterWeights, Rollout, process_info
 from grpo_ray.weights import load_adapter
 
@@ -92,7 +92,7 @@ class RolloutActor:
     """Generates `num_generations` completions per prompt with the current adapter version."""
 
     def __init__(self, cfg: Any, model_path: str, device: str = "cpu") -> None:
-        torch.set_num_threads(cfg.cluster.cpu_threads or os.cpu_count() or 1)
+        torch.set_num_threads(torch_threads(cfg.cluster.cpu_threads, cfg.cluster.rollout_engines))
         self.cfg = cfg
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.backend: Backend

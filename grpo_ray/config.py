@@ -166,7 +166,7 @@ class ClusterConfig:
     # Rollout actors (rollout_gpus each): a step's prompts are split over them in contiguous shares,
     # and every one gets each new adapter. Not with cluster=single_gpu (one engine on the one GPU).
     rollout_engines: int = 1
-    cpu_threads: int = 0  # torch threads per actor on CPU; 0: all cores of the node
+    cpu_threads: int = 0  # torch threads per actor; 0: the node's cores, shared by the rollout engines (and by the learner workers)
     # How the adapter reaches the rollout each step: auto | object_store | cuda_ipc | nccl.
     # auto: cuda_ipc for vllm colocated (one copy of the base weights), nccl for vllm split, else object_store.
     weight_sync: str = "auto"

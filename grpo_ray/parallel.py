@@ -10,9 +10,18 @@ With one worker every operation is local and no process group exists.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
+
+
+def torch_threads(cpu_threads: int, peers: int) -> int:
+    """Torch CPU threads for one of `peers` actors of a kind that work at the same time (rollout
+    engines, data-parallel learners): cluster.cpu_threads if set, else an equal share of the node's
+    cores. Ray caps an actor's OMP threads at its num_cpus, too few for CPU training; every peer
+    taking all the cores would oversubscribe them while they work at once."""
+    return cpu_threads or max(1, (os.cpu_count() or 1) // peers)
 
 
 def group_ranges(num_groups: int, num_parts: int) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_ray.parallel import LearnerGroup
+from grpo_ray.parallel import LearnerGroup, torch_threads
 from tests.conftest import run_ranks
 
 
@@ -14,6 +14,12 @@ def test_workers_take_contiguous_whole_groups_and_cover_the_batch():
     assert taken == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
     assert LearnerGroup().completions(5, 4) == list(range(20))  # one worker: everything
     assert LearnerGroup(2, 3).completions(2, 4) == []  # fewer groups than workers: this one idles
+
+
+def test_peers_share_the_nodes_cores_unless_threads_are_set(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert [torch_threads(0, peers) for peers in (1, 2, 3, 64)] == [32, 16, 10, 1]
+    assert torch_threads(6, 2) == 6  # cluster.cpu_threads wins
 
 
 def test_one_worker_reduces_nothing():
