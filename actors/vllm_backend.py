@@ -337,9 +337,9 @@ def engine_environment() -> None:
     if importlib.util.find_spec("flashinfer") is None:  # vLLM's default sampler imports it
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # The EngineCore process (VLLM_ENABLE_V1_MULTIPROCESSING=1, the default) is forked unless CUDA
-    # is already initialised; forked after this process ran torch CPU ops, it hangs before loading
-    # the model (H100 and H200, vLLM 0.25: seen again in bench_rollout's bare engine). A spawned one
-    # starts clean.
+    # is already initialised; forked after this process ran torch CPU ops, it hung before loading
+    # the model (H100, vLLM 0.25; bench_rollout's bare engine, started before this was set, hung
+    # the same way on an H200). A spawned one starts clean.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
