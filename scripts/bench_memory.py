@@ -237,16 +237,17 @@ def random_rollout(shape: Shape, vocab: int, completion_lengths: list[int], vers
 
 class SmiPeak:
     """The highest memory.used nvidia-smi reports while the block runs, in GiB (None if it never
-    answered): of `device`'s GPU, or summed over every GPU when `device` is None; and per process."""
+    answered): of the GPU whose UUID contains `uuid`, or summed over every GPU when it is None;
+    and per process (on that GPU)."""
 
-    def __init__(self, device: torch.device | None = None, interval_s: float = 0.05) -> None:
-        self.uuid = None if device is None else str(torch.cuda.get_device_properties(device).uuid)
+    def __init__(self, uuid: str | None = None, interval_s: float = 0.05) -> None:
+        self.uuid = uuid
         self.interval_s, self.peak, self.per_process = interval_s, None, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> float | None:
-        rows = _smi("--query-gpu=uuid,memory.used")
+        rows = smi_rows("--query-gpu=uuid,memory.used")
         if not rows:
             return None
         used = [float(mib) for uuid, mib in rows if self.uuid is None or self.uuid in uuid]
@@ -257,8 +258,9 @@ class SmiPeak:
             value = self.sample()
             if value is not None:
                 self.peak = max(self.peak or 0.0, value)
-            for pid, mib in _smi("--query-compute-apps=pid,used_memory"):
-                self.per_process[pid] = max(self.per_process.get(pid, 0.0), float(mib) * 2**20 / GIB)
+            for uuid, pid, mib in smi_rows("--query-compute-apps=gpu_uuid,pid,used_memory"):
+                if self.uuid is None or self.uuid in uuid:
+                    self.per_process[pid] = max(self.per_process.get(pid, 0.0), float(mib) * 2**20 / GIB)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "SmiPeak":
@@ -270,7 +272,7 @@ class SmiPeak:
         self._thread.join()
 
 
-def _smi(query: str) -> list[list[str]]:
+def smi_rows(query: str) -> list[list[str]]:
     """nvidia-smi's CSV rows for `query`, split and stripped; [] when it cannot answer."""
     try:
         out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
@@ -329,7 +331,7 @@ def measure(name: str, row: Row, shape_name: str, shape: Shape, cap_gib: float |
         micro_batches = len(learner._micro_batches(scored))
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        with SmiPeak(device) as smi:
+        with SmiPeak(str(torch.cuda.get_device_properties(device).uuid)) as smi:
             start = time.perf_counter()
             metrics = learner.train_step(scored).metrics
             torch.cuda.synchronize(device)

@@ -33,10 +33,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import SmiPeak  # noqa: E402
+from bench_memory import SmiPeak, smi_rows  # noqa: E402
 from random_model import build  # noqa: E402
 
 from grpo_ray.metrics import read_metrics  # noqa: E402
+
+
+def visible_gpu() -> str | None:
+    """The UUID of the one GPU CUDA_VISIBLE_DEVICES leaves this run (another job may use the others),
+    from nvidia-smi (CUDA stays uninitialised here: its context would count); else None, every GPU."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) != 1:
+        return None
+    uuids = dict(smi_rows("--query-gpu=index,uuid"))
+    return visible[0] if visible[0].startswith("GPU-") else uuids.get(visible[0], visible[0])
 
 
 def percentiles(values_s: list[float]) -> tuple[float, float]:
@@ -63,7 +73,7 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
         "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
         f"logging.output_dir={out}", f"logging.run_name={variant.replace(':', '_')}", *extra,
     ]  # fmt: skip
-    with SmiPeak(interval_s=0.2) as smi:  # every GPU: the engine's and the learner's, whichever they are
+    with SmiPeak(visible_gpu(), interval_s=0.2) as smi:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
         wall = time.perf_counter() - start
