@@ -26,7 +26,7 @@ from grpo_ray.logprobs import (
 )  # fmt: skip
 from grpo_ray.models import add_lora, load_model, load_tokenizer, torch_dtype
 from grpo_ray.parallel import LearnerGroup, torch_threads
-from grpo_ray.types import AdapterWeights, ScoredRollout, StepMetrics, process_info
+from grpo_ray.types import AdapterWeights, EngineAdapter, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
     AdapterCopy,
     adapter_pairs,
@@ -102,6 +102,7 @@ class LearnerActor:
         self.kernel = select_kernel(cfg.loss.kernel, self.device, cfg.loss.chunk_size)
         self.version = 0
         self.steps_done = 0
+        self._export: tuple[dict[str, list[int]], list[torch.Tensor], AdapterCopy] | None = None  # export_engine_weights
         self.nonfinite_streak = 0
 
     def ready(self) -> dict[str, Any]:
@@ -111,6 +112,18 @@ class LearnerActor:
     def export_weights(self) -> AdapterWeights:
         """The adapter at the current version, for the rollout to load."""
         return export_adapter(self.model, self.version)
+
+    def export_engine_weights(self) -> EngineAdapter:
+        """The adapter at the current version in a vLLM engine's layout (object-store path to vllm
+        engines): filled into one flat buffer on the device, copied off it once."""
+        if self._export is None:
+            tensors = adapter_tensors(self.model)
+            shapes = {name: list(tensors[name].shape) for _, a, b in adapter_pairs(tensors) for name in (a, b)}
+            self._export = (shapes, *self._adapter_buckets(bucket_numel=None))
+        shapes, (buffer,), fill = self._export
+        fill()
+        return EngineAdapter(self.version, shapes, str(buffer.dtype).removeprefix("torch."),
+                             buffer.cpu().view(torch.uint8).numpy().tobytes())  # fmt: skip
 
     # the learner's side of the CUDA-IPC and NCCL paths (grpo_ray.weights)
 
@@ -141,17 +154,18 @@ class LearnerActor:
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
         self.weight_group = stateless_init_process_group(host, port, 0, world_size, self.device.index or 0)
-        self._buckets, self._fill_buckets = self._adapter_buckets()
+        dtype = torch_dtype(self.cfg.model.dtype, "cuda")
+        self._buckets, self._fill_buckets = self._adapter_buckets(bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype))
 
-    def _adapter_buckets(self) -> tuple[list[torch.Tensor], AdapterCopy]:
-        """The broadcast's buckets in the engine's layout (A, B·α/r in its dtype, `adapter_pairs`
-        order) and the copy that fills them from the LoRA parameters, which the optimizer updates in place."""
+    def _adapter_buckets(self, bucket_numel: int | None) -> tuple[list[torch.Tensor], AdapterCopy]:
+        """Buckets of `bucket_numel` elements (None: one) holding the adapter in the engine's layout
+        (A, B·α/r in its dtype, `adapter_pairs` order) and the copy that fills them from the LoRA
+        parameters, which the optimizer updates in place."""
         lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
         tensors = adapter_tensors(self.model)
         sources = [tensors[name] for _, a, b in adapter_pairs(tensors) for name in (a, b)]
-        buckets, views = bucket_buffers(
-            [list(t.shape) for t in sources], dtype, self.device, bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype)
-        )
+        numel = bucket_numel or sum(t.numel() for t in sources)
+        buckets, views = bucket_buffers([list(t.shape) for t in sources], dtype, self.device, numel)
         return buckets, AdapterCopy(views[0::2], sources[0::2], views[1::2], sources[1::2], lora.alpha / lora.r)
 
     def broadcast_weights(self) -> None:

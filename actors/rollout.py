@@ -17,7 +17,7 @@ from grpo_ray.data import prompt_token_ids
 from grpo_ray.errors import oom_advice
 from grpo_ray.models import add_lora, load_model, load_tokenizer
 from grpo_ray.parallel import torch_threads
-from grpo_ray.types import AdapterWeights, Rollout, process_info
+from grpo_ray.types import AdapterWeights, EngineAdapter, Rollout, process_info
 from grpo_ray.weights import load_adapter
 
 
@@ -110,8 +110,8 @@ class RolloutActor:
         """Where the actor runs and which weights it holds (the driver's watchdog and recovery use it)."""
         return process_info(self.version)
 
-    def update_weights(self, weights: AdapterWeights) -> int:
-        """Object-store path: load the learner's adapter in memory; returns the new version."""
+    def update_weights(self, weights: AdapterWeights | EngineAdapter) -> int:
+        """Object-store path: load the learner's adapter in memory (vllm: in its own layout); returns the new version."""
         self.backend.load_adapter(weights)
         self.version = weights.version
         return self.version

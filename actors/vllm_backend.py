@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from grpo_ray.errors import EngineStartError
-from grpo_ray.types import AdapterWeights
+from grpo_ray.types import AdapterWeights, EngineAdapter
 from grpo_ray.weights import (
     PEFT_PREFIX,
     AdapterCopy,
@@ -444,13 +444,19 @@ class VLLMBackend:
     def _dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def load_adapter(self, weights: AdapterWeights) -> None:
-        """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no reload)."""
-        plan = self._plan_for(weights.tensors)
-        values = engine_values(weights.tensors, self.scale, self.dtype)
-        payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
-        self._sync_call("grpo_write_lora", LORA_ID, *plan_targets(plan), [list(m.shape) for m in values],
-                        self._dtype_name, payload)  # fmt: skip
+    def load_adapter(self, weights: AdapterWeights | EngineAdapter) -> None:
+        """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no
+        reload). An EngineAdapter comes in the engine's layout already; AdapterWeights (eval, a
+        peft folder) are converted here."""
+        if isinstance(weights, EngineAdapter):
+            plan = self._plan_of_shapes(weights.shapes)
+            shapes, dtype, payload = [weights.shapes[n] for n in plan_names(plan)], weights.dtype, weights.payload
+        else:
+            plan = self._plan_for(weights.tensors)
+            values = engine_values(weights.tensors, self.scale, self.dtype)
+            shapes, dtype = [list(m.shape) for m in values], self._dtype_name
+            payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
+        self._sync_call("grpo_write_lora", LORA_ID, *plan_targets(plan), shapes, dtype, payload)
         self._serve_version(weights.version)
 
     def _sync_call(self, method: str, *args: Any) -> Any:

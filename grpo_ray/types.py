@@ -99,6 +99,22 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass
+class EngineAdapter:
+    """The adapter as a vLLM engine holds it, for the object store: A and B·α/r in the engine's
+    dtype, back to back in `adapter_pairs` order, as one byte string (one copy off the learner's
+    GPU, one object to pickle) instead of a dict of fp32 tensors."""
+
+    version: int
+    shapes: dict[str, list[int]]  # peft names -> shapes, in the order the values travel
+    dtype: str  # the values' torch dtype name
+    payload: bytes
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.payload)
+
+
 def process_info(version: int) -> dict[str, Any]:
     """What an actor's ready() reports: its pid and node (for stack dumps) and its weight version."""
     import os

@@ -3,7 +3,8 @@
 Three paths, one chosen at setup (`cluster.weight_sync`, see `make_weight_sync`):
 
 - object store (CPU, hf backend, or anywhere): the learner exports the adapter's tensors as
-  `AdapterWeights`; they travel through Ray's object store and the rollout copies them in.
+  `AdapterWeights` (to vLLM engines: as one byte string in the engine's layout, `EngineAdapter`);
+  they travel through Ray's object store and the rollout copies them in.
 - CUDA IPC (one GPU, colocated): the learner's model is built on views of the engine's own
   base weights (`build_on_engine_weights`, no second copy), and the engine maps the learner's
   LoRA tensors once; each step it copies them into its LoRA buffers on the device (no bytes
@@ -454,11 +455,14 @@ def _same_version(versions: list[int]) -> int:
 
 
 class ObjectStoreSync(WeightSync):
-    """The adapter's tensors through Ray's object store (CPU, hf backend, or any placement):
-    exported once, each engine resolves the same ref."""
+    """The adapter through Ray's object store (CPU, hf backend, or any placement): exported once,
+    each engine resolves the same ref. vLLM engines get it in their own layout (EngineAdapter)."""
+
+    def __init__(self, engine_layout: bool = False) -> None:
+        self.engine_layout = engine_layout
 
     def push(self, rollouts: list[Any], learner: Any, version: int, timeout_s: float, info: dict | None = None) -> int:
-        weights = learner.export_weights.remote()
+        weights = (learner.export_engine_weights if self.engine_layout else learner.export_weights).remote()
         return _same_version(get([r.update_weights.remote(weights) for r in rollouts], "RolloutActor.update_weights",
                                  timeout_s, info))  # fmt: skip
 
@@ -503,4 +507,7 @@ SYNC_PATHS: dict[str, Callable[[], WeightSync]] = {
 
 def make_weight_sync(cfg: Any) -> WeightSync:
     """The sync path of cluster.weight_sync (auto: see grpo_ray.config.weight_sync_path)."""
-    return SYNC_PATHS[weight_sync_path(cfg)]()
+    path = weight_sync_path(cfg)
+    if path == "object_store":
+        return ObjectStoreSync(engine_layout=cfg.rollout.backend == "vllm")
+    return SYNC_PATHS[path]()

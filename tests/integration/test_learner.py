@@ -107,10 +107,11 @@ def test_broadcast_sends_the_current_adapter_in_the_engines_layout(tiny_model_di
     from tests.unit.test_weights import Wire
 
     cfg = load_config([f"model.name_or_path={tiny_model_dir}", "model.lora.r=4", "model.lora.alpha=8",
-                       "model.dtype=bfloat16", "cluster.nccl_bucket_mb=1"])  # fmt: skip
+                       "model.dtype=bfloat16"])  # fmt: skip
     learner = LearnerActor(cfg, str(tiny_model_dir))
     learner.weight_group = wire = Wire()
-    learner._buckets, learner._fill_buckets = learner._adapter_buckets()
+    learner._buckets, learner._fill_buckets = learner._adapter_buckets(bucket_numel=1000)  # several buckets
+    assert len(learner._buckets) > 1
     for step in range(2):
         with torch.no_grad():  # an optimizer step: the parameters change in place
             for p in learner.model.parameters():
@@ -120,3 +121,25 @@ def test_broadcast_sends_the_current_adapter_in_the_engines_layout(tiny_model_di
         expected = engine_values(adapter_tensors(learner.model), 8 / 4, torch.bfloat16)
         assert torch.equal(torch.cat(wire.sent), torch.cat([v.reshape(-1) for v in expected]))
         wire.sent.clear()
+
+
+def test_engine_layout_export_is_the_current_adapter_as_the_engine_holds_it(tiny_model_dir):
+    """cluster.weight_sync=object_store to vllm engines: one byte string, A and B·α/r in adapter_pairs order."""
+    from grpo_ray.weights import adapter_pairs, adapter_tensors, engine_values
+
+    cfg = load_config([f"model.name_or_path={tiny_model_dir}", "model.lora.r=4", "model.lora.alpha=8",
+                       "model.dtype=bfloat16"])  # fmt: skip
+    learner = LearnerActor(cfg, str(tiny_model_dir))
+    for version in (1, 2):
+        with torch.no_grad():  # an optimizer step: the parameters change in place
+            for p in learner.model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        learner.version = version
+        exported = learner.export_engine_weights()
+        tensors = adapter_tensors(learner.model)
+        expected = torch.cat([v.reshape(-1) for v in engine_values(tensors, 8 / 4, torch.bfloat16)])
+        got = torch.frombuffer(bytearray(exported.payload), dtype=torch.bfloat16)
+        assert exported.version == version and exported.dtype == "bfloat16" and torch.equal(got, expected)
+        assert list(exported.shapes) == [n for _, a, b in adapter_pairs(tensors) for n in (a, b)]
+        assert all(exported.shapes[n] == list(t.shape) for n, t in tensors.items())

@@ -8,7 +8,8 @@ import torch
 
 from grpo_ray.actors import vllm_backend as vb
 from grpo_ray.config import load_config
-from grpo_ray.types import AdapterWeights
+from grpo_ray.types import AdapterWeights, EngineAdapter
+from grpo_ray.weights import adapter_pairs, engine_values
 
 # What a Llama/Qwen2 engine reports (hidden 8, q 8 rows, k/v 4 rows, intermediate 12, 1 layer, max rank 8).
 LAYOUT = {
@@ -139,6 +140,13 @@ def test_load_adapter_writes_a_and_scaled_b_into_the_adapter_slot():
     # a second update replaces the values (same plan, no reload), served under the new version's name
     backend.load_adapter(AdapterWeights(version=2, tensors={k: -v for k, v in tensors.items()}))
     assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (-a_k).bfloat16()) and backend.served == 2
+    # the learner's export in the engine's layout (object store to vllm engines) writes the same values
+    names = [n for _, a, b in adapter_pairs(tensors) for n in (a, b)]
+    values = engine_values({k: 2 * v for k, v in tensors.items()}, 4.0, torch.bfloat16)
+    payload = torch.cat([v.reshape(-1) for v in values]).view(torch.uint8).numpy().tobytes()
+    backend.load_adapter(EngineAdapter(3, {n: list(tensors[n].shape) for n in names}, "bfloat16", payload))
+    assert torch.equal(layer.lora_a_stacked[1][1, 0, :4], (2 * a_k).bfloat16()) and backend.served == 3
+    assert torch.equal(layer.lora_b_stacked[1][1, 0, :, :4], (2 * b_k * 4).bfloat16())
 
 
 def test_write_refuses_an_adapter_that_is_not_in_a_slot():

@@ -303,8 +303,11 @@ def test_nccl_path_receives_buckets_into_the_slot():
      (["rollout=vllm", "cluster=single_gpu", "cluster.weight_sync=object_store"], "object_store")],
 )  # fmt: skip
 def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
-    sync = w.make_weight_sync(load_config(overrides))
+    cfg = load_config(overrides)
+    sync = w.make_weight_sync(cfg)
     assert type(sync) is w.SYNC_PATHS[path]
+    if path == "object_store":  # vllm engines take the adapter in their own layout, the hf model as tensors
+        assert sync.engine_layout == (cfg.rollout.backend == "vllm")
     assert sync.shares_base == (path == "cuda_ipc") and sync.restartable == (path == "object_store")
 
 
