@@ -117,9 +117,7 @@ class LearnerActor:
         """The adapter at the current version in a vLLM engine's layout (object-store path to vllm
         engines): filled into one flat buffer on the device, copied off it once."""
         if self._export is None:
-            tensors = adapter_tensors(self.model)
-            shapes = {name: list(tensors[name].shape) for _, a, b in adapter_pairs(tensors) for name in (a, b)}
-            self._export = (shapes, *self._adapter_buckets(bucket_numel=None))
+            self._export = self._adapter_buckets(bucket_numel=None)
         shapes, (buffer,), fill = self._export
         fill()
         return EngineAdapter(self.version, shapes, str(buffer.dtype).removeprefix("torch."),
@@ -155,18 +153,21 @@ class LearnerActor:
 
         self.weight_group = stateless_init_process_group(host, port, 0, world_size, self.device.index or 0)
         dtype = torch_dtype(self.cfg.model.dtype, "cuda")
-        self._buckets, self._fill_buckets = self._adapter_buckets(bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype))
+        _, self._buckets, self._fill_buckets = self._adapter_buckets(bucket_numel(self.cfg.cluster.nccl_bucket_mb, dtype))
 
-    def _adapter_buckets(self, bucket_numel: int | None) -> tuple[list[torch.Tensor], AdapterCopy]:
+    def _adapter_buckets(
+        self, bucket_numel: int | None
+    ) -> tuple[dict[str, list[int]], list[torch.Tensor], AdapterCopy]:  # fmt: skip
         """Buckets of `bucket_numel` elements (None: one) holding the adapter in the engine's layout
-        (A, B·α/r in its dtype, `adapter_pairs` order) and the copy that fills them from the LoRA
-        parameters, which the optimizer updates in place."""
+        (A, B·α/r in its dtype, `adapter_pairs` order), the copy that fills them from the LoRA
+        parameters (which the optimizer updates in place), and the tensors' shapes in that order."""
         lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
         tensors = adapter_tensors(self.model)
-        sources = [tensors[name] for _, a, b in adapter_pairs(tensors) for name in (a, b)]
+        shapes = {name: list(tensors[name].shape) for _, a, b in adapter_pairs(tensors) for name in (a, b)}
+        sources = [tensors[name] for name in shapes]
         numel = bucket_numel or sum(t.numel() for t in sources)
-        buckets, views = bucket_buffers([list(t.shape) for t in sources], dtype, self.device, numel)
-        return buckets, AdapterCopy(views[0::2], sources[0::2], views[1::2], sources[1::2], lora.alpha / lora.r)
+        buckets, views = bucket_buffers(list(shapes.values()), dtype, self.device, numel)
+        return shapes, buckets, AdapterCopy(views[0::2], sources[0::2], views[1::2], sources[1::2], lora.alpha / lora.r)
 
     def broadcast_weights(self) -> None:
         """NCCL path, each step: the current adapter into the buckets (one graph replay), then broadcast."""

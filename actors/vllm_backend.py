@@ -430,15 +430,13 @@ class VLLMBackend:
         self._writes += 1
         self.lora_request = LoRARequest(f"grpo_ray-v{version}-w{self._writes}", LORA_ID, self.adapter_dir)
 
-    def _plan_for(self, tensors: dict[str, Any]) -> list[tuple[str, int, str, str]]:
-        """The write plan of an adapter with these names and shapes (kept while they stay the same)."""
-        if self._plan is None or set(plan_names(self._plan)) != set(tensors):
-            self._plan = write_plan(tensors, self.layout, self.packed)
+    def _plan_for(self, shapes: dict[str, Any]) -> list[tuple[str, int, str, str]]:
+        """The write plan of an adapter known by its shapes (name -> shape), kept while its names stay
+        the same: a step's update only compares names."""
+        if self._plan is None or set(plan_names(self._plan)) != set(shapes):
+            meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+            self._plan = write_plan(meta, self.layout, self.packed)
         return self._plan
-
-    def _plan_of_shapes(self, shapes: dict[str, list[int]]) -> list[tuple[str, int, str, str]]:
-        """`_plan_for` an adapter known by its shapes only (name -> shape), without its values."""
-        return self._plan_for({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
 
     @property
     def _dtype_name(self) -> str:
@@ -449,10 +447,10 @@ class VLLMBackend:
         reload). An EngineAdapter comes in the engine's layout already; AdapterWeights (eval, a
         peft folder) are converted here."""
         if isinstance(weights, EngineAdapter):
-            plan = self._plan_of_shapes(weights.shapes)
+            plan = self._plan_for(weights.shapes)
             shapes, dtype, payload = [weights.shapes[n] for n in plan_names(plan)], weights.dtype, weights.payload
         else:
-            plan = self._plan_for(weights.tensors)
+            plan = self._plan_for({name: t.shape for name, t in weights.tensors.items()})
             values = engine_values(weights.tensors, self.scale, self.dtype)
             shapes, dtype = [list(m.shape) for m in values], self._dtype_name
             payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
@@ -473,7 +471,7 @@ class VLLMBackend:
 
     def map_adapter(self, payload: bytes, shapes: dict[str, list[int]]) -> int:
         """CUDA-IPC path, once: the engine maps the learner's LoRA tensors (`shapes`: name -> shape)."""
-        plan = self._plan_of_shapes(shapes)
+        plan = self._plan_for(shapes)
         return self.llm.collective_rpc("grpo_map_adapter", args=(
             LORA_ID, *plan_targets(plan), plan_names(plan), payload, self.scale,
         ))[0]  # fmt: skip
@@ -486,7 +484,7 @@ class VLLMBackend:
 
     def join_weight_group(self, host: str, port: int, world_size: int, shapes: dict[str, list[int]], rank: int) -> None:
         """NCCL path, once: join the learner's group as `rank`; `shapes` (name -> shape) fixes the plan."""
-        plan = self._plan_of_shapes(shapes)
+        plan = self._plan_for(shapes)
         self.llm.collective_rpc("grpo_join_weight_group", args=(
             host, port, rank, world_size, LORA_ID, *plan_targets(plan), [shapes[name] for name in plan_names(plan)],
             self._dtype_name, self.bucket_numel,

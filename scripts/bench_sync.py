@@ -10,8 +10,9 @@ two GPUs), and reports, side by side:
   to the engine holding the new adapter (the next generate uses it), p50 / p95 over the steps;
   its part on the rollout's side, the engine call (`time/sync_engine`, vLLM's collective_rpc
   included), and with CUDA IPC the copy in the worker (`time/sync_copy`);
-- memory: device memory used by all processes on all GPUs (nvidia-smi, sampled every 0.2 s
-  through the run, max), per process (max), and the learner's torch peak (`memory/learner_peak_gib`).
+- memory: device memory used by all processes on all GPUs, or on the one GPU CUDA_VISIBLE_DEVICES
+  leaves the run (nvidia-smi, sampled every 0.2 s through the run, max), per process (max), and
+  the learner's torch peak (`memory/learner_peak_gib`).
 Prints one JSON line per run, then a Markdown table.
 
 A path may carry a mode: `PATH:inproc` runs vLLM's EngineCore in the rollout actor's process
@@ -65,19 +66,20 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
     if mode not in MODES:
         raise SystemExit(f"--paths {variant}: unknown mode {mode!r}; modes: inproc, async")
     env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if mode == "inproc" else {})}
+    run_name = variant.replace(":", "_")
     overrides = [
         f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm",
         f"cluster={'split' if path == 'nccl' else 'single_gpu'}", f"cluster.weight_sync={path}", *MODES[mode],
         "task=arithmetic", f"trainer.max_steps={steps}", "rollout.num_generations=4",
         "rollout.max_completion_length=16", "trainer.per_device_train_batch_size=16", "model.lora.r=16",
         "model.lora.alpha=32", "logging.tensorboard=false", "logging.plot=false", "logging.sample_steps=0",
-        f"logging.output_dir={out}", f"logging.run_name={variant.replace(':', '_')}", *extra,
+        f"logging.output_dir={out}", f"logging.run_name={run_name}", *extra,
     ]  # fmt: skip
     with SmiPeak(visible_gpu(), interval_s=0.2) as smi:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
         wall = time.perf_counter() - start
-    records = read_metrics(out / variant.replace(':', '_'))
+    records = read_metrics(out / run_name)
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
              for name in ("sync", "sync_engine", "sync_copy") if any(f"time/{name}" in r for r in records)}  # fmt: skip
     return {

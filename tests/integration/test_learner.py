@@ -110,7 +110,7 @@ def test_broadcast_sends_the_current_adapter_in_the_engines_layout(tiny_model_di
                        "model.dtype=bfloat16"])  # fmt: skip
     learner = LearnerActor(cfg, str(tiny_model_dir))
     learner.weight_group = wire = Wire()
-    learner._buckets, learner._fill_buckets = learner._adapter_buckets(bucket_numel=1000)  # several buckets
+    _, learner._buckets, learner._fill_buckets = learner._adapter_buckets(bucket_numel=1000)  # several buckets
     assert len(learner._buckets) > 1
     for step in range(2):
         with torch.no_grad():  # an optimizer step: the parameters change in place
