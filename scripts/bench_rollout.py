@@ -9,7 +9,9 @@ same prompt token ids. Rows:
   bare vLLM, LoRA                 a random r-rank adapter on all linear layers, from disk
   ours (RolloutActor), LoRA       the same adapter values written into the engine's slot
 Tokens/s = completion tokens / wall time of one generate call (ours includes chat templating,
-tokenization and decoding: what a step pays). Median of `--reps` calls after one warm-up.
+tokenization and decoding: what a step pays). Both engines live at once (each its memory share)
+and the rows take turns, `--reps` rounds after one warm-up each; the median per row. Taking turns
+keeps a change in the host's load (another job on another GPU) from favouring one row.
 
   python scripts/bench_rollout.py --shape qwen2.5-0.5b --prompts 64 --g 8 --tokens 256
 """
@@ -61,20 +63,23 @@ def random_adapter(model_dir: Path, r: int, alpha: int, out: Path) -> dict[str, 
     return tensors
 
 
-def tokens_per_s(call: Callable[[], int], reps: int) -> tuple[float, list[float]]:
-    """Median completion tokens/s of `call` (returns tokens generated) after one warm-up."""
-    call()
-    rates = []
+def interleaved_rates(calls: dict[str, Callable[[], int]], reps: int) -> dict[str, list[float]]:
+    """Completion tokens/s of each call (it returns the tokens it generated), over `reps` rounds that run
+    every call once in turn after one warm-up each: a change in the host's load touches every row alike."""
+    for call in calls.values():
+        call()
+    rates: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = call()
-        rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates), rates
+        for label, call in calls.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = call()
+            rates[label].append(tokens / (time.perf_counter() - start))
+    return rates
 
 
-def bare_rows(cfg: Any, model_dir: Path, tokenizer: Any, prompt_ids: list[list[int]], adapter_dir: Path, reps: int) -> list[dict]:
-    """Bare vllm.LLM with the same engine arguments, without and with the adapter."""
+def bare_calls(cfg: Any, model_dir: Path, tokenizer: Any, prompt_ids: list[list[int]], adapter_dir: Path) -> tuple[Any, dict]:
+    """A bare vllm.LLM with our engine arguments, and its generate calls without and with the adapter."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -84,20 +89,20 @@ def bare_rows(cfg: Any, model_dir: Path, tokenizer: Any, prompt_ids: list[list[i
     g, kwargs = cfg.rollout.num_generations, vb.sampling_kwargs(cfg.rollout)
     params = [SamplingParams(n=g, seed=vb.request_seed(0, b, g), **kwargs) for b in range(len(prompt_ids))]
     prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
-    rows = []
-    for label, lora in (("bare vLLM, no LoRA", None), ("bare vLLM, LoRA", LoRARequest("bench", 1, str(adapter_dir)))):
+
+    def generate(lora: Any) -> Callable[[], int]:
         def call() -> int:
             outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
             return sum(len(o.token_ids) for out in outs for o in out.outputs)
 
-        median, rates = tokens_per_s(call, reps)
-        rows.append({"row": label, "tokens_per_s": round(median), "runs": [round(x) for x in rates]})
-    llm.llm_engine.engine_core.shutdown()
-    return rows
+        return call
+
+    lora = LoRARequest("bench", 1, str(adapter_dir))
+    return llm, {"bare vLLM, no LoRA": generate(None), "bare vLLM, LoRA": generate(lora)}
 
 
-def ours_row(cfg: Any, model_dir: Path, rows_in: list[dict], tensors: dict[str, torch.Tensor], reps: int) -> dict:
-    """Our RolloutActor with the same adapter values in its slot."""
+def ours_call(cfg: Any, model_dir: Path, rows_in: list[dict], tensors: dict[str, torch.Tensor]) -> tuple[Any, dict]:
+    """Our RolloutActor with the same adapter values in its slot, and its generate call."""
     from grpo_ray.actors.rollout import RolloutActor
 
     actor = RolloutActor(cfg, str(model_dir), device="cuda")
@@ -106,9 +111,7 @@ def ours_row(cfg: Any, model_dir: Path, rows_in: list[dict], tensors: dict[str, 
     def call() -> int:
         return sum(len(ids) for ids in actor.generate(rows_in, version=1, seed=0).completion_ids)
 
-    median, rates = tokens_per_s(call, reps)
-    actor.backend.close()
-    return {"row": "ours (RolloutActor), LoRA", "tokens_per_s": round(median), "runs": [round(x) for x in rates]}
+    return actor, {"ours (RolloutActor), LoRA": call}
 
 
 def main() -> None:
@@ -138,13 +141,18 @@ def main() -> None:
     prompt_ids = [prompt_token_ids(row["prompt"], tokenizer) for row in rows_in]
     adapter_dir = Path(tempfile.mkdtemp()) / "adapter"
     tensors = random_adapter(model_dir, args.r, 2 * args.r, adapter_dir)
-    rows = bare_rows(cfg, model_dir, tokenizer, prompt_ids, adapter_dir, args.reps)
-    rows.append(ours_row(cfg, model_dir, rows_in, tensors, args.reps))
-    bare_lora = rows[1]["tokens_per_s"]
-    for row in rows:
-        row.update(bench="rollout", shape=args.shape, prompts=args.prompts, g=args.g, tokens=args.tokens, r=args.r,
-                   eager=args.eager, vs_bare_lora=round(row["tokens_per_s"] / bare_lora, 3))  # fmt: skip
-        print(json.dumps(row), flush=True)
+    llm, calls = bare_calls(cfg, model_dir, tokenizer, prompt_ids, adapter_dir)
+    actor, ours = ours_call(cfg, model_dir, rows_in, tensors)  # both engines live at once (memory share each)
+    rates = interleaved_rates({**calls, **ours}, args.reps)
+    llm.llm_engine.engine_core.shutdown()
+    actor.backend.close()
+    bare_lora = statistics.median(rates["bare vLLM, LoRA"])
+    rows = []
+    for label, runs in rates.items():
+        rows.append({"row": label, "tokens_per_s": round(statistics.median(runs)), "runs": [round(x) for x in runs],
+                     "vs_bare_lora": round(statistics.median(runs) / bare_lora, 3), "bench": "rollout", "shape": args.shape,
+                     "prompts": args.prompts, "g": args.g, "tokens": args.tokens, "r": args.r, "eager": args.eager})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
     print("\n| row | tokens/s | × bare vLLM with LoRA | runs |\n|---|---:|---:|---|")
     for row in rows:
         print(f"| {row['row']} | {row['tokens_per_s']} | {row['vs_bare_lora']} | {row['runs']} |")

@@ -42,10 +42,15 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def run_ranks(target, world_size: int = 2) -> list:
+def run_ranks(target, world_size: int = 2, timeout_s: float = 240) -> list:
     """Run `target(rank, port, queue)` in `world_size` spawned processes (a process group's ranks
-    meeting on a free local port); returns what they put on the queue, once all exited cleanly."""
+    meeting on a free local port); returns what they put on the queue, once all exited cleanly.
+
+    The queue is drained while they run: a process that put more than a pipe's buffer (64 KiB)
+    does not exit until someone reads it."""
+    import queue as queue_module
     import socket
+    import time
 
     import torch.multiprocessing as mp
 
@@ -57,12 +62,15 @@ def run_ranks(target, world_size: int = 2) -> list:
     procs = [ctx.Process(target=target, args=(rank, port, queue)) for rank in range(world_size)]
     for proc in procs:
         proc.start()
+    results, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (any(proc.is_alive() for proc in procs) or not queue.empty()):
+        try:
+            results.append(queue.get(timeout=0.2))
+        except queue_module.Empty:
+            pass
     for proc in procs:
-        proc.join(120)
+        proc.join(5)
     assert [proc.exitcode for proc in procs] == [0] * world_size
-    results = []
-    while not queue.empty():
-        results.append(queue.get(timeout=5))
     return results
 
 
