@@ -81,6 +81,10 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.3  # vllm only: the engine's share of the GPU (weights, KV cache, activations)
     kv_cache_gib: Optional[float] = None  # vllm only: the KV cache's size in GiB, in place of gpu_memory_utilization's
+    # vllm only: sequences the engine runs at once; null: what one generate call brings it (its share of a
+    # step's completions, or an eval batch), so that its sampler buffers and CUDA graphs fit the job
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None  # vllm only: tokens per engine step (prefill chunk); null: vLLM's
     # vllm, cluster=single_gpu: the engine frees its KV cache while the learner trains and takes it back to generate
     release_memory: bool = True
     enforce_eager: bool = False  # vllm only
@@ -337,6 +341,10 @@ def _validate_placement(cfg: DictConfig) -> None:
             f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} sets the vLLM engine's KV cache: it must be > 0 and "
             "needs rollout=vllm (null: sized by rollout.gpu_memory_utilization)"
         )
+    for knob in ("max_num_seqs", "max_num_batched_tokens"):
+        value = cfg.rollout[knob]
+        if value is not None and (value < 1 or backend != "vllm"):
+            raise ConfigError(f"rollout.{knob}={value} sizes the vLLM engine: it must be >= 1 and needs rollout=vllm (null: automatic)")
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")
 

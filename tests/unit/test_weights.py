@@ -332,7 +332,9 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["cluster.learner_memory_gib=8"], "learner_memory_gib=8 caps the learner's GPU memory.*0 with cluster.placement=cpu"),
      (["rollout=vllm", "cluster=single_gpu", "cluster.learner_memory_gib=-1"], "must be >= 0"),
      (["rollout.kv_cache_gib=4"], "kv_cache_gib=4 sets the vLLM engine's KV cache.*needs rollout=vllm"),
-     (["rollout=vllm", "rollout.kv_cache_gib=0"], "must be > 0")],
+     (["rollout=vllm", "rollout.kv_cache_gib=0"], "must be > 0"),
+     (["rollout.max_num_seqs=8"], "max_num_seqs=8 sizes the vLLM engine.*needs rollout=vllm"),
+     (["rollout=vllm", "rollout.max_num_batched_tokens=0"], "max_num_batched_tokens=0 sizes the vLLM engine: it must be >= 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
