@@ -181,26 +181,12 @@ def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: b
         quantization="bitsandbytes" if cfg.model.quantization == "nf4" else None,
         seed=cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
         kv_cache_memory_bytes=None if rollout.kv_cache_gib is None else int(rollout.kv_cache_gib * 2**30),
-        enforce_eager=rollout.enforce_eager, max_model_len=max_model_len(rollout), max_num_seqs=max_num_seqs(cfg),
+        enforce_eager=rollout.enforce_eager, max_model_len=max_model_len(rollout), max_num_seqs=rollout.max_num_seqs,
         max_num_batched_tokens=rollout.max_num_batched_tokens,
         enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(cfg.model.lora.r),
         logprobs_mode="processed_logprobs", distributed_executor_backend="uni", enable_sleep_mode=release_memory,
         attention_config=attention_config(),
     )  # fmt: skip
-
-
-def max_num_seqs(cfg: Any) -> int:
-    """Sequences one engine runs at once: rollout.max_num_seqs, else the most one generate call brings it
-    (its share of a step's prompts × num_generations, or an eval batch). vLLM's default (1024 on GPUs of
-    70 GiB or more) preallocates its sampler's buffers ([sequences × vocabulary] logits, in
-    `gpu_worker.compile_or_warm_up_model`) and sizes its CUDA graphs for far more, memory the engine
-    keeps while the learner trains."""
-    if cfg.rollout.max_num_seqs is not None:
-        return int(cfg.rollout.max_num_seqs)
-    trainer, engines, g = cfg.trainer, cfg.cluster.rollout_engines, cfg.rollout.num_generations
-    prompts = trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps // g
-    eval_batch = cfg.eval.batch_size * (1 if cfg.eval.greedy else cfg.eval.k)
-    return max(-(-prompts // engines) * g, eval_batch)
 
 
 def to_generation(output: Any) -> Any:

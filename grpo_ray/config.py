@@ -81,8 +81,8 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.3  # vllm only: the engine's share of the GPU (weights, KV cache, activations)
     kv_cache_gib: Optional[float] = None  # vllm only: the KV cache's size in GiB, in place of gpu_memory_utilization's
-    # vllm only: sequences the engine runs at once; null: what one generate call brings it (its share of a
-    # step's completions, or an eval batch), so that its sampler buffers and CUDA graphs fit the job
+    # vllm only: sequences the engine runs at once, which sizes its preallocated sampler buffers and CUDA
+    # graphs; null: vLLM's default (1024 on GPUs of 70 GiB or more, else 256)
     max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None  # vllm only: tokens per engine step (prefill chunk); null: vLLM's
     # vllm, cluster=single_gpu: the engine frees its KV cache while the learner trains and takes it back to generate
@@ -344,7 +344,7 @@ def _validate_placement(cfg: DictConfig) -> None:
     for knob in ("max_num_seqs", "max_num_batched_tokens"):
         value = cfg.rollout[knob]
         if value is not None and (value < 1 or backend != "vllm"):
-            raise ConfigError(f"rollout.{knob}={value} sizes the vLLM engine: it must be >= 1 and needs rollout=vllm (null: automatic)")
+            raise ConfigError(f"rollout.{knob}={value} sizes the vLLM engine: it must be >= 1 and needs rollout=vllm (null: vLLM's default)")
     if cfg.trainer.sync_check_interval < 0:
         raise ConfigError(f"trainer.sync_check_interval must be >= 0 (0: first step only), got {cfg.trainer.sync_check_interval}")
 

@@ -133,8 +133,7 @@ def main() -> None:
         f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm", f"rollout.num_generations={args.g}",
         "rollout.temperature=1.0", f"rollout.max_completion_length={args.tokens}", "rollout.max_prompt_length=128",
         "+rollout.generation_kwargs.ignore_eos=true", f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}",
-        f"rollout.enforce_eager={args.eager}", f"trainer.per_device_train_batch_size={args.prompts * args.g}",
-        "trainer.gradient_accumulation_steps=1",  # a step's completions: what one generate call here brings
+        f"rollout.enforce_eager={args.eager}", f"trainer.per_device_train_batch_size={args.g}",
     ])  # fmt: skip
     tokenizer = load_tokenizer(str(model_dir))
     rows_in = [{"prompt": [{"role": "user", "content": f"What is {i % 9 + 1}+{i // 9 % 9 + 1}? Show your steps."}]}
