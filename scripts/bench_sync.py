@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import SmiPeak, smi_rows  # noqa: E402
 from random_model import build  # noqa: E402
 
+from grpo_ray.config import load_config  # noqa: E402
 from grpo_ray.metrics import read_metrics  # noqa: E402
 
 
@@ -80,10 +81,12 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
         subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
         wall = time.perf_counter() - start
     records = read_metrics(out / run_name)
+    trainer = load_config(overrides).trainer  # the task may set gradient_accumulation_steps
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
              for name in ("sync", "sync_engine", "sync_copy") if any(f"time/{name}" in r for r in records)}  # fmt: skip
     return {
         "bench": "sync", "model": model_dir.name, "weight_sync": variant, "steps": len(records), "wall_s": round(wall, 1),
+        "completions_per_step": trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps,
         **{f"{name}_ms_p50_p95": value for name, value in parts.items()},
         "sync_ms_min": round(min(r["time/sync"] for r in records) * 1e3, 2),
         "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
