@@ -14,7 +14,8 @@ MEMORY_KNOBS = {
                 "model.quantization=nf4", "loss.kernel=triton (on CUDA)", "rollout.max_completion_length",
                 "rollout.max_prompt_length"),
     "rollout": ("rollout.num_generations or fewer prompts per step", "rollout.max_completion_length",
-                "rollout.gpu_memory_utilization (vllm)", "rollout.max_prompt_length"),
+                "rollout.gpu_memory_utilization or rollout.kv_cache_gib (vllm: a group that does not fit goes in "
+                "waves)", "rollout.max_num_seqs (vllm)", "rollout.max_prompt_length"),
 }  # fmt: skip
 
 

@@ -49,7 +49,7 @@ def test_cuda_oom_names_the_knobs():
     with pytest.raises(OutOfMemory, match=r"the learner ran out of GPU memory .*per_device_train_batch_size"):
         with oom_advice("learner"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    with pytest.raises(OutOfMemory, match=r"rollout.gpu_memory_utilization"):
+    with pytest.raises(OutOfMemory, match=r"rollout.gpu_memory_utilization or rollout.kv_cache_gib .*rollout.max_num_seqs"):
         with oom_advice("rollout"):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
