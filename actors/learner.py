@@ -38,6 +38,7 @@ from grpo_ray.weights import (
     export_adapter,
     load_adapter,
     model_on_engine_weights,
+    payload_bytes,
     share_tensors,
 )
 
@@ -120,8 +121,7 @@ class LearnerActor:
             self._export = self._adapter_buckets(bucket_numel=None)
         shapes, (buffer,), fill = self._export
         fill()
-        return EngineAdapter(self.version, shapes, str(buffer.dtype).removeprefix("torch."),
-                             buffer.cpu().view(torch.uint8).numpy().tobytes())  # fmt: skip
+        return EngineAdapter(self.version, shapes, str(buffer.dtype).removeprefix("torch."), payload_bytes(buffer))
 
     # the learner's side of the CUDA-IPC and NCCL paths (grpo_ray.weights)
 

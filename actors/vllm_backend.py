@@ -52,7 +52,7 @@ from grpo_ray.weights import (
     broadcast_buckets,
     bucket_buffers,
     bucket_numel,
-    engine_values,
+    engine_adapter,
     open_shared_tensors,
     quantized_spec,
     share_tensors,
@@ -447,15 +447,11 @@ class VLLMBackend:
         """Object-store path: write the learner's adapter into the engine's LoRA buffers (no file, no
         reload). An EngineAdapter comes in the engine's layout already; AdapterWeights (eval, a
         peft folder) are converted here."""
-        if isinstance(weights, EngineAdapter):
-            plan = self._plan_for(weights.shapes)
-            shapes, dtype, payload = [weights.shapes[n] for n in plan_names(plan)], weights.dtype, weights.payload
-        else:
-            plan = self._plan_for({name: t.shape for name, t in weights.tensors.items()})
-            values = engine_values(weights.tensors, self.scale, self.dtype)
-            shapes, dtype = [list(m.shape) for m in values], self._dtype_name
-            payload = torch.cat([m.reshape(-1) for m in values]).cpu().view(torch.uint8).numpy().tobytes()
-        self._sync_call("grpo_write_lora", LORA_ID, *plan_targets(plan), shapes, dtype, payload)
+        if isinstance(weights, AdapterWeights):
+            weights = engine_adapter(weights, self.scale, self.dtype)
+        plan = self._plan_for(weights.shapes)
+        shapes = [weights.shapes[name] for name in plan_names(plan)]
+        self._sync_call("grpo_write_lora", LORA_ID, *plan_targets(plan), shapes, weights.dtype, weights.payload)
         self._serve_version(weights.version)
 
     def _sync_call(self, method: str, *args: Any) -> Any:

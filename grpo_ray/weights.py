@@ -30,7 +30,7 @@ import torch
 
 from grpo_ray.config import weight_sync_path
 from grpo_ray.remote import get
-from grpo_ray.types import AdapterWeights
+from grpo_ray.types import AdapterWeights, EngineAdapter
 
 PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict names: PEFT_PREFIX + module + ".lora_A.weight"
 
@@ -97,6 +97,20 @@ def engine_values(tensors: dict[str, torch.Tensor], scale: float, dtype: torch.d
     for _, a, b in adapter_pairs(tensors):
         out += [tensors[a].to(dtype), (tensors[b].float() * scale).to(dtype)]
     return out
+
+
+def payload_bytes(flat: torch.Tensor) -> bytes:
+    """A flat tensor's bytes, copied off its device: how adapter values travel to an engine's worker."""
+    return flat.cpu().view(torch.uint8).numpy().tobytes()
+
+
+def engine_adapter(weights: AdapterWeights, scale: float, dtype: torch.dtype) -> EngineAdapter:
+    """A peft adapter's tensors (eval, a saved adapter) in a vLLM engine's layout: `engine_values`
+    back to back, as the learner's `export_engine_weights` sends them."""
+    values = engine_values(weights.tensors, scale, dtype)
+    names = [name for _, a, b in adapter_pairs(weights.tensors) for name in (a, b)]
+    return EngineAdapter(weights.version, {name: list(v.shape) for name, v in zip(names, values)},
+                         str(dtype).removeprefix("torch."), payload_bytes(torch.cat([v.reshape(-1) for v in values])))  # fmt: skip
 
 
 def check_version(rollout_version: int, learner_version: int, async_steps: int) -> None:
