@@ -350,22 +350,25 @@ def _validate_placement(cfg: DictConfig) -> None:
 
 
 def _validate_whole_gpus(cfg: DictConfig) -> None:
-    """NCCL refuses two ranks of one group on one GPU, and Ray may pack fractional GPUs onto one:
-    the ranks of an NCCL group (engines and learner with weight_sync=nccl; data-parallel learners)
-    each need a whole GPU."""
+    """NCCL refuses two ranks of one group on one GPU. Ray packs fractional GPUs onto one device, but
+    never two shares above one half: each rank of an NCCL group (engines and learner with
+    weight_sync=nccl; data-parallel learners) needs more than half a GPU. A learner at 0.6 beside an
+    engine at 0.4 on every GPU is the data-parallel colocated layout."""
     cluster = cfg.cluster
     if cluster.placement != "split":
         return
-    if weight_sync_path(cfg) == "nccl" and min(cluster.rollout_gpus, cluster.learner_gpus) < 1:
+    if weight_sync_path(cfg) == "nccl" and min(cluster.rollout_gpus, cluster.learner_gpus) <= 0.5:
         raise ConfigError(
             f"cluster.weight_sync=nccl puts every engine and the learner in one NCCL group, which needs a GPU each: "
             f"cluster.rollout_gpus={cluster.rollout_gpus:g} and cluster.learner_gpus={cluster.learner_gpus:g} must be "
-            "at least 1. To pack several engines on one GPU, set cluster.weight_sync=object_store"
+            "more than 0.5 (Ray can put two smaller shares on one GPU). To pack several engines on one GPU, set "
+            "cluster.weight_sync=object_store"
         )
-    if cluster.learner_workers > 1 and cluster.learner_gpus < 1:
+    if cluster.learner_workers > 1 and cluster.learner_gpus <= 0.5:
         raise ConfigError(
             f"cluster.learner_workers={cluster.learner_workers} data-parallel learners sum gradients over NCCL, which "
-            f"needs a GPU each: cluster.learner_gpus={cluster.learner_gpus:g} must be at least 1"
+            f"needs a GPU each: cluster.learner_gpus={cluster.learner_gpus:g} must be more than 0.5 (e.g. 1, or 0.6 "
+            "with cluster.rollout_gpus=0.4 to put an engine beside each learner)"
         )
 
 

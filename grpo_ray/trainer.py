@@ -44,11 +44,14 @@ class Interrupted(Exception):
 # --- actors ------------------------------------------------------------------------------
 
 
-def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_s: float) -> tuple[dict, dict, Any]:
-    """Ray options of the rollout and the learner, and the placement group that holds them (or None).
+def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_s: float) -> tuple[list[dict], list[dict], Any]:
+    """Ray options of each rollout engine and each learner worker, and the placement group that holds them (or None).
 
-    cluster=single_gpu puts both in one bundle of one GPU (fractional GPUs: the same device);
-    actors that cannot restart alone (`Actors.restartable`) get no Ray restarts.
+    Engines and learners that share GPUs go in pairs, one bundle of one GPU each (fractional GPUs:
+    the same device): cluster=single_gpu is one pair; cluster=split with rollout_gpus + learner_gpus
+    <= 1 and as many engines as learners puts an engine beside each data-parallel learner, on
+    whichever node holds that bundle. Actors that cannot restart alone (`Actors.restartable`) get no
+    Ray restarts.
     """
     import ray
 
@@ -59,22 +62,27 @@ def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_
     if sync.shares_base:  # expandable segments would make the weights impossible to export
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}}
         rollout["runtime_env"] = learner["runtime_env"] = env
-    if cluster.placement != "colocate":
-        return rollout, learner, None
+    pairs = cluster.placement == "colocate" or (
+        cluster.placement == "split" and cluster.rollout_engines == cluster.learner_workers
+        and 0 < cluster.rollout_gpus + cluster.learner_gpus <= 1 and min(cluster.rollout_gpus, cluster.learner_gpus) > 0
+    )  # fmt: skip
+    if not pairs:
+        return [rollout] * cluster.rollout_engines, [learner] * cluster.learner_workers, None
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    cpus = cluster.rollout_cpus + cluster.learner_cpus
-    group = placement_group([{"GPU": 1, "CPU": cpus}])
+    cpus, count = cluster.rollout_cpus + cluster.learner_cpus, cluster.rollout_engines
+    group = placement_group([{"GPU": 1, "CPU": cpus}] * count)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(group)
         raise ConfigError(
-            f"cluster={cluster.name} needs one GPU and {cpus:g} CPUs on one node, but the Ray cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPUs (waited cluster.call_timeout_s={timeout_s:g}s)"
+            f"cluster={cluster.name} puts each engine beside a learner: {count} GPU(s), each with {cpus:g} CPUs on its "
+            f"node, but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs "
+            f"(waited cluster.call_timeout_s={timeout_s:g}s)"
         )
-    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-    return {**rollout, "scheduling_strategy": strategy}, {**learner, "scheduling_strategy": strategy}, group
+    strategies = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k) for k in range(count)]
+    return [{**rollout, "scheduling_strategy": s} for s in strategies], [{**learner, "scheduling_strategy": s} for s in strategies], group
 
 
 @dataclass
@@ -120,8 +128,7 @@ class Actors:
         rewards = RewardPool(cfg.reward, cfg.task, cfg.loss.scale_rewards, max_restarts=cfg.trainer.max_recoveries)
         restartable = sync.restartable and cfg.cluster.learner_workers == 1
         rollout_options, learner_options, group = actor_options(cfg, sync, restartable, timeout)
-        remote_rollout = ray.remote(RolloutActor).options(**rollout_options)
-        rollouts = [remote_rollout.remote(cfg, model_path, device) for _ in range(cfg.cluster.rollout_engines)]
+        rollouts = [ray.remote(RolloutActor).options(**options).remote(cfg, model_path, device) for options in rollout_options]
         actors = cls(rollouts=rollouts, rewards=rewards, learners=[], timeout_s=timeout, sync=sync,
                      restartable=restartable, placement_group=group)  # fmt: skip
         try:
@@ -130,8 +137,8 @@ class Actors:
                 actors.refresh_info(["rollout"])
                 shared = actors.rollout.share_weights.remote()
             workers = cfg.cluster.learner_workers
-            remote_learner = ray.remote(LearnerActor).options(**learner_options)
-            actors.learners = [remote_learner.remote(cfg, model_path, device, shared, rank, workers) for rank in range(workers)]
+            actors.learners = [ray.remote(LearnerActor).options(**options).remote(cfg, model_path, device, shared, rank, workers)
+                               for rank, options in enumerate(learner_options)]  # fmt: skip
             actors.refresh_info()
             if workers > 1:
                 host, port = get(actors.learner.rendezvous_address.remote(), "LearnerActor.rendezvous_address", timeout)

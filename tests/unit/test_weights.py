@@ -326,9 +326,9 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["cluster.rollout_engines=0"], "rollout_engines=0: needs at least 1"),
      (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1"),
      (["rollout=vllm", "cluster=split", "cluster.rollout_engines=2", "cluster.rollout_gpus=0.5"],
-      "rollout_gpus=0.5 and cluster.learner_gpus=1 must be at least 1.*set cluster.weight_sync=object_store"),
+      "rollout_gpus=0.5 and cluster.learner_gpus=1 must be more than 0.5.*set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=split", "cluster.weight_sync=object_store", "cluster.learner_workers=2",
-       "cluster.learner_gpus=0.5"], "learner_workers=2 .*learner_gpus=0.5 must be at least 1"),
+       "cluster.learner_gpus=0.5"], "learner_workers=2 .*learner_gpus=0.5 must be more than 0.5"),
      (["cluster.learner_memory_gib=8"], "learner_memory_gib=8 caps the learner's GPU memory.*0 with cluster.placement=cpu"),
      (["rollout=vllm", "cluster=single_gpu", "cluster.learner_memory_gib=-1"], "must be >= 0"),
      (["rollout.kv_cache_gib=4"], "kv_cache_gib=4 sets the vLLM engine's KV cache.*needs rollout=vllm"),
@@ -355,3 +355,10 @@ def test_engines_may_share_a_gpu_when_the_adapter_goes_through_the_object_store(
 def test_async_colocated_is_allowed_when_the_engine_keeps_its_memory():
     cfg = load_config(["rollout=vllm", "cluster=single_gpu", "trainer.async_steps=1", "rollout.release_memory=false"])
     assert cfg.trainer.async_steps == 1
+
+
+def test_a_learner_and_an_engine_on_every_gpu_is_a_valid_data_parallel_layout():
+    # learners above half a GPU cannot share one (NCCL ranks), engines of 0.4 fill the rest of each GPU
+    cfg = load_config(["rollout=vllm", "cluster=split", "cluster.learner_workers=2", "cluster.learner_gpus=0.6",
+                       "cluster.rollout_engines=2", "cluster.rollout_gpus=0.4", "cluster.weight_sync=object_store"])  # fmt: skip
+    assert (cfg.cluster.learner_workers, cfg.cluster.learner_gpus, cfg.cluster.rollout_gpus) == (2, 0.6, 0.4)
