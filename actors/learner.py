@@ -59,10 +59,11 @@ class NonFiniteError(FloatingPointError):
 def cap_memory(device: torch.device, gib: float) -> None:
     """Let PyTorch in this process allocate at most `gib` GiB on `device` (cluster.learner_memory_gib):
     beyond it an out-of-memory error, not memory taken from a colocated engine."""
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the actor's "cuda"
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise ValueError(f"cluster.learner_memory_gib={gib:g} is more than the GPU has ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
 class LearnerActor:

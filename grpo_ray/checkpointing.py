@@ -166,29 +166,33 @@ class _Offloader:
         parked.on_device = target
 
 
-# --- the MLP in sequence chunks (trainer.sequence_chunk_tokens) -------------------------------
+# --- token-wise parts of a layer in sequence chunks (trainer.sequence_chunk_tokens) ---------
 
 
 def apply_sequence_chunking(model: torch.nn.Module, chunk_tokens: int) -> None:
-    """Run every decoder layer's MLP over at most `chunk_tokens` tokens at a time (0: unchanged).
+    """Run every decoder layer's MLP and norms over at most `chunk_tokens` tokens at a time (0: unchanged).
 
     The MLP's intermediate activations ([tokens × intermediate], 3 of them for a gated MLP: 3.5×
-    the hidden size for Llama-3.1-8B) dominate a layer's working set on long sequences. Each chunk
-    runs under its own non-reentrant checkpoint, so autograd keeps only the chunk's input (a view
-    of the layer's) and its backward recomputes one chunk at a time: the MLP's peak is
-    chunk_tokens × intermediate, whatever the sequence length, in forward, recomputation and
-    backward. Tokens are independent in an MLP, so the result is the same as in one pass.
+    the hidden size for Llama-3.1-8B) dominate a layer's working set on long sequences, and an
+    RMSNorm keeps an fp32 copy of its input (two bf16 hidden vectors a token). Each chunk runs under
+    its own non-reentrant checkpoint, so autograd keeps only the chunk's input (a view of the
+    module's) and its backward recomputes one chunk at a time: the peak is chunk_tokens × width,
+    whatever the sequence length, in forward, recomputation and backward. These modules treat
+    tokens independently, so the result is the same as in one pass; attention still sees the whole
+    sequence.
     """
     if chunk_tokens == 0:
         return
-    mlps = [getattr(layer, name) for layer in decoder_layers(model) for name in MLP_NAMES if hasattr(layer, name)]
+    layers = decoder_layers(model)
+    mlps = [getattr(layer, name) for layer in layers for name in MLP_NAMES if hasattr(layer, name)]
     if not mlps:
         raise ValueError(
             f"trainer.sequence_chunk_tokens={chunk_tokens}: {type(model).__name__} has no decoder-layer MLPs "
             f"(attributes {', '.join(MLP_NAMES)}) to run in chunks; set trainer.sequence_chunk_tokens=0"
         )
-    for mlp in mlps:
-        mlp.forward = _chunked(mlp.forward, chunk_tokens)
+    norms = [child for layer in layers for child in layer.children() if type(child).__name__.endswith("Norm")]
+    for module in mlps + norms:
+        module.forward = _chunked(module.forward, chunk_tokens)
 
 
 def _chunked(forward: LayerFn, chunk_tokens: int) -> LayerFn:

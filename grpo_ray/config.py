@@ -135,8 +135,8 @@ class TrainerConfig:
     # Concatenate a micro-batch's sequences into one row, positions restarting: no padding.
     # Needs attention that separates them (sdpa, eager, flash_attention_2/3, flex_attention).
     padding_free: bool = False
-    # Decoder-layer MLPs run over at most this many tokens at a time, each piece recomputed in
-    # backward: the MLP's working set stops growing with the sequence. 0: off.
+    # Decoder-layer MLPs and norms run over at most this many tokens at a time, each piece
+    # recomputed in backward: their working set stops growing with the sequence. 0: off.
     sequence_chunk_tokens: int = 0
     save_steps: int = 0  # checkpoint every N steps (and on SIGTERM/SIGINT); 0: only then
     save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all

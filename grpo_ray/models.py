@@ -214,6 +214,33 @@ def add_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise ModelLoadError(f"model.lora.target_modules={targets}: {e}") from e
+    compute_lora_in_input_dtype(model)
+    return model
+
+
+def compute_lora_in_input_dtype(model: torch.nn.Module) -> None:
+    """Every LoRA matmul runs in its input's dtype, the fp32 A and B cast on the fly (as autocast
+    would, and as the vLLM engine computes them); the parameters, their gradients and the optimizer
+    stay fp32.
+
+    peft instead casts each adapted layer's input up to fp32, and lora_A keeps that copy for its
+    backward: two hidden-size vectors per token for every adapted projection of a bf16 model,
+    most of a long sequence's activation memory. A no-op when the model is fp32.
+    """
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            for linear in [*module.lora_A.values(), *module.lora_B.values()]:
+                linear.forward = types.MethodType(_linear_in_input_dtype, linear)
+
+
+def _linear_in_input_dtype(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)

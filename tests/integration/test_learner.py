@@ -9,6 +9,8 @@ Gradients are read in an optimizer pre-step hook, before clipping (max_grad_norm
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -143,3 +145,19 @@ def test_engine_layout_export_is_the_current_adapter_as_the_engine_holds_it(tiny
         assert exported.version == version and exported.dtype == "bfloat16" and torch.equal(got, expected)
         assert list(exported.shapes) == [n for _, a, b in adapter_pairs(tensors) for n in (a, b)]
         assert all(exported.shapes[n] == list(t.shape) for n, t in tensors.items())
+
+
+def test_memory_cap_resolves_the_actors_unindexed_cuda_device(monkeypatch):
+    """A Ray actor's learner runs on torch.device("cuda") (CUDA_VISIBLE_DEVICES holds its one GPU);
+    torch's set_per_process_memory_fraction wants an index: the cap gives it the current device's."""
+    from grpo_ray.actors.learner import cap_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, index: calls.append((fraction, index)))
+    cap_memory(torch.device("cuda"), 20)
+    cap_memory(torch.device("cuda", 1), 40)
+    assert calls == [(0.25, 3), (0.5, 1)]
+    with pytest.raises(ValueError, match="learner_memory_gib=90 is more than the GPU has \\(80.0 GiB\\)"):
+        cap_memory(torch.device("cuda"), 90)

@@ -155,3 +155,32 @@ def test_chunked_mlp_keeps_no_tokens_by_intermediate_activation(base_config):
 def test_sequence_chunks_need_decoder_mlps():
     with pytest.raises(ValueError, match="set trainer.sequence_chunk_tokens=0"):
         apply_sequence_chunking(torch.nn.Linear(2, 2), 8)
+
+
+def test_a_long_sequence_keeps_a_few_hidden_vectors_a_token_per_layer(base_config):
+    """One bf16 decoder layer with LoRA under sequence chunks: the tensors autograd keeps for its
+    backward come to under 10 hidden-size vectors a token (attention's q, k, v and output, the
+    layer's inputs): 8.7 here, against 18.5 with peft's fp32 copies of the LoRA inputs and 10.9 with
+    the norms' fp32 copies of the whole sequence."""
+    from transformers import LlamaForCausalLM
+
+    config = base_config.__class__(**{**base_config.to_dict(), "num_hidden_layers": 1, "attn_implementation": "sdpa"})
+    model = add_lora(LlamaForCausalLM(config).to(torch.bfloat16),
+                     SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]))  # fmt: skip
+    apply_sequence_chunking(model, 16)
+    tokens, hidden = 256, config.hidden_size
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    embeddings = model.base_model.model.model.rotary_emb(x, positions)
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = decoder_layers(model)[0](x, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+    vectors = sum(storages.values()) / (tokens * hidden * 2)
+    assert 4 < vectors < 10, vectors
+    (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
