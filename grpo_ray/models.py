@@ -235,9 +235,10 @@ def compute_lora_in_input_dtype(model: torch.nn.Module) -> None:
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
-        if isinstance(module, LoraLayer):
+        adapters = [*module.lora_A.values(), *module.lora_B.values()] if isinstance(module, LoraLayer) else []
+        if adapters and all(type(m) is torch.nn.Linear for m in adapters):  # not an embedding's or a convolution's
             module.cast_input_dtype_enabled = False
-            for linear in [*module.lora_A.values(), *module.lora_B.values()]:
+            for linear in adapters:
                 linear.forward = types.MethodType(_linear_in_input_dtype, linear)
 
 
