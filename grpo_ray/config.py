@@ -312,6 +312,12 @@ def _validate_placement(cfg: DictConfig) -> None:
             "frees its KV cache during training (rollout.release_memory=true): set trainer.async_steps=0, or "
             "rollout.release_memory=false to keep both in memory and overlap them"
         )
+    for actor, many in (("rollout", "rollout_engines"), ("learner", "learner_workers")):
+        if cfg.cluster[f"{actor}_gpus"] > 1:  # one device per actor: no tensor parallelism inside one
+            raise ConfigError(
+                f"cluster.{actor}_gpus={cfg.cluster[f'{actor}_gpus']:g}: each {actor} actor runs on one GPU or a share "
+                f"of one (at most 1); to use more GPUs, raise cluster.{many}"
+            )
     gpus = cfg.cluster.rollout_gpus + cfg.cluster.learner_gpus
     if placement == "colocate" and gpus > 1:
         raise ConfigError(f"cluster.placement=colocate shares one GPU: cluster.rollout_gpus + cluster.learner_gpus "

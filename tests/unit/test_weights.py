@@ -325,6 +325,8 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["cluster.rollout_engines=9"], "rollout_engines=9: .*at most the prompts of a step \\(8\\)"),
      (["cluster.rollout_engines=0"], "rollout_engines=0: needs at least 1"),
      (["cluster=single_gpu", "cluster.learner_gpus=0.75"], "rollout_gpus \\+ cluster.learner_gpus must be at most 1"),
+     (["cluster=split", "cluster.rollout_gpus=2"], "rollout_gpus=2: each rollout actor runs on one GPU.*raise cluster.rollout_engines"),
+     (["cluster=split", "cluster.learner_gpus=4"], "learner_gpus=4: each learner actor .*raise cluster.learner_workers"),
      (["rollout=vllm", "cluster=split", "cluster.rollout_engines=2", "cluster.rollout_gpus=0.5"],
       "rollout_gpus=0.5 and cluster.learner_gpus=1 must be more than 0.5.*set cluster.weight_sync=object_store"),
      (["rollout=vllm", "cluster=split", "cluster.weight_sync=object_store", "cluster.learner_workers=2",
