@@ -10,7 +10,7 @@ one JSON line per attempt with peak memory (torch and nvidia-smi), step time and
 
 Configurations (every one: nf4, one sequence per micro-batch):
   ours                offload checkpointing, fused Triton loss, trainer.sequence_chunk_tokens=4096
-  no_sequence_chunks  ours without sequence chunks (the MLP over the whole sequence at once)
+  no_sequence_chunks  ours without sequence chunks (MLPs and norms over the whole sequence at once)
   no_offload          ours with gradient_checkpointing=on (layer inputs stay on the GPU)
   reference_kernel    ours with the chunked torch loss instead of the fused kernel
 Budgets: the whole GPU, and each --caps value in GiB, enforced with

@@ -57,9 +57,9 @@ def test_cuda_oom_names_the_knobs():
 def test_a_cluster_without_the_gpus_the_job_needs_stops_at_once(tiny_model_dir, tmp_path):
     """Ray would wait for GPUs that never come (until cluster.call_timeout_s): the run says what to change."""
     proc = run_cli(f"model.name_or_path={tiny_model_dir}", f"logging.output_dir={tmp_path}", "cluster=split",
-                   "cluster.rollout_gpus=64")  # fmt: skip
+                   "cluster.rollout_engines=8")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "the job needs 65 GPUs (cluster.rollout_gpus × cluster.rollout_engines" in proc.stderr
+    assert "the job needs 9 GPUs (cluster.rollout_gpus × cluster.rollout_engines" in proc.stderr
     assert "lower cluster.rollout_engines or cluster.learner_workers, use cluster=single_gpu" in proc.stderr
 
 
