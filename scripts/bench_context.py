@@ -20,6 +20,7 @@ counts as failed too.
 
     PYTHONPATH=. python scripts/bench_context.py --configs ours --caps 24 --out /tmp/context
     PYTHONPATH=. python scripts/bench_context.py --configs ours --no-whole-gpu --caps 79.6 24  # an H200 as an H100 80GB (79.6 GiB)
+    PYTHONPATH=. python scripts/bench_context.py --configs no_offload no_sequence_chunks --caps 24 --lengths 8192 16384 32768
 
 Writes <out>/context.jsonl (every attempt), prints a Markdown table of the largest length that fit
 per configuration and budget, and plots peak memory against length (<out>/context.png; needs
@@ -78,21 +79,22 @@ def attempt(config: str, length: int, cap_gib: float | None, timeout_s: float) -
     return {**json.loads(records[-1]), **base, "wall_s": round(time.perf_counter() - start, 1)}
 
 
+def try_length(config: str, length: int, cap_gib: float | None, timeout_s: float, sink: Any) -> bool:
+    """One attempt, logged and written to `sink`; whether it fit."""
+    record = attempt(config, length, cap_gib, timeout_s)
+    record["fits"] = fits(record)
+    log(record)
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+    return record["fits"]
+
+
 def search(config: str, cap_gib: float | None, start: int, granularity: int, limit: int, timeout_s: float,
            sink: Any) -> int:  # fmt: skip
     """The largest length (a multiple of `granularity`, at most `limit`) whose step fits; 0 if none."""
-
-    def tried(length: int) -> bool:
-        record = attempt(config, length, cap_gib, timeout_s)
-        record["fits"] = fits(record)
-        log(record)
-        sink.write(json.dumps(record) + "\n")
-        sink.flush()
-        return record["fits"]
-
     good, bad, length = 0, None, start
     while length <= limit:  # doubling
-        if not tried(length):
+        if not try_length(config, length, cap_gib, timeout_s, sink):
             bad = length
             break
         good, length = length, length * 2
@@ -102,7 +104,18 @@ def search(config: str, cap_gib: float | None, start: int, granularity: int, lim
         middle = (good + bad) // 2 // granularity * granularity
         if middle in (good, bad):
             break
-        good, bad = (middle, bad) if tried(middle) else (good, middle)
+        good, bad = (middle, bad) if try_length(config, middle, cap_gib, timeout_s, sink) else (good, middle)
+    return good
+
+
+def sweep(config: str, cap_gib: float | None, lengths: list[int], timeout_s: float, sink: Any) -> int:
+    """The given lengths in increasing order until one does not fit (points for the plot, no search);
+    the longest that fit, 0 if none."""
+    good = 0
+    for length in sorted(lengths):
+        if not try_length(config, length, cap_gib, timeout_s, sink):
+            break
+        good = length
     return good
 
 
@@ -143,6 +156,8 @@ def main() -> None:
     parser.add_argument("--granularity", type=int, default=4096)
     parser.add_argument("--limit", type=int, default=131072, help="longest length tried (Llama-3.1-8B's window: 131072)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per attempt")
+    parser.add_argument("--lengths", nargs="+", type=int,
+                        help="try these lengths (increasing, until one fails) instead of searching: e.g. the ablations' points")
     parser.add_argument("--out", type=Path, default=Path("bench_context"))
     parser.add_argument("--attempt", nargs=3, help=argparse.SUPPRESS)  # internal: CONFIG LENGTH CAP_GIB, here
     args = parser.parse_args()
@@ -155,7 +170,8 @@ def main() -> None:
     with open(args.out / "context.jsonl", "a") as sink:
         for cap in [*([] if args.no_whole_gpu else [None]), *args.caps]:
             for config in args.configs:
-                best[config, cap] = search(config, cap, args.start, args.granularity, args.limit, args.timeout, sink)
+                best[config, cap] = (sweep(config, cap, args.lengths, args.timeout, sink) if args.lengths else
+                                     search(config, cap, args.start, args.granularity, args.limit, args.timeout, sink))
     records = [json.loads(line) for line in (args.out / "context.jsonl").read_text().splitlines()]
     budget = lambda cap: "whole GPU" if cap is None else f"{cap:g} GiB"  # noqa: E731
     print("\n| configuration | budget | longest sequence that fit (tokens) |\n|---|---|---:|")
