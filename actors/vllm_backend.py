@@ -181,6 +181,7 @@ def engine_args(cfg: Any, model_path: str, tokenizer_dir: str, release_memory: b
         quantization="bitsandbytes" if cfg.model.quantization == "nf4" else None,
         seed=cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
         kv_cache_memory_bytes=None if rollout.kv_cache_gib is None else int(rollout.kv_cache_gib * 2**30),
+        kv_cache_dtype=rollout.kv_cache_dtype,
         enforce_eager=rollout.enforce_eager, max_model_len=max_model_len(rollout), max_num_seqs=rollout.max_num_seqs,
         max_num_batched_tokens=rollout.max_num_batched_tokens,
         enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(cfg.model.lora.r),

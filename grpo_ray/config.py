@@ -81,6 +81,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.3  # vllm only: the engine's share of the GPU (weights, KV cache, activations)
     kv_cache_gib: Optional[float] = None  # vllm only: the KV cache's size in GiB, in place of gpu_memory_utilization's
+    kv_cache_dtype: str = "auto"  # vllm only: auto (the model's dtype) | fp8 (half the bytes a token; sampling logprobs drift)
     # vllm only: sequences the engine runs at once, which sizes its preallocated sampler buffers and CUDA
     # graphs; null: vLLM's default (1024 on GPUs of 70 GiB or more, else 256)
     max_num_seqs: Optional[int] = None
@@ -231,6 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.answer_format": ("plain", "gsm8k"),
     "rollout.backend": ("hf", "vllm"),
     "rollout.long_prompts": ("truncate", "drop"),
+    "rollout.kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
     "loss.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"),
     "loss.importance_sampling_level": ("token", "sequence"),
     "loss.scale_rewards": ("group", "batch", "none"),
@@ -347,6 +349,8 @@ def _validate_placement(cfg: DictConfig) -> None:
             f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} sets the vLLM engine's KV cache: it must be > 0 and "
             "needs rollout=vllm (null: sized by rollout.gpu_memory_utilization)"
         )
+    if cfg.rollout.kv_cache_dtype != "auto" and backend != "vllm":
+        raise ConfigError(f"rollout.kv_cache_dtype={cfg.rollout.kv_cache_dtype} sets the vLLM engine's KV cache: it needs rollout=vllm")
     for knob in ("max_num_seqs", "max_num_batched_tokens"):
         value = cfg.rollout[knob]
         if value is not None and (value < 1 or backend != "vllm"):

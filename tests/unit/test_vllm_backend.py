@@ -229,6 +229,8 @@ def test_engine_args_follow_the_config_and_sleep_only_when_releasing_memory():
     sized = vb.engine_args(load_config(["rollout=vllm", "rollout.max_num_seqs=16", "rollout.max_num_batched_tokens=2048"]),
                            "/m", "/m/tok")  # fmt: skip
     assert sized["max_num_seqs"] == 16 and sized["max_num_batched_tokens"] == 2048
+    assert args["kv_cache_dtype"] == "auto"
+    assert vb.engine_args(load_config(["rollout=vllm", "rollout.kv_cache_dtype=fp8"]), "m", "t")["kv_cache_dtype"] == "fp8"
 
 
 def test_each_write_is_served_under_a_new_name_even_for_a_version_seen_before(monkeypatch):

@@ -336,6 +336,8 @@ def test_auto_picks_ipc_when_colocated_and_nccl_when_split(overrides, path):
      (["rollout.kv_cache_gib=4"], "kv_cache_gib=4 sets the vLLM engine's KV cache.*needs rollout=vllm"),
      (["rollout=vllm", "rollout.kv_cache_gib=0"], "must be > 0"),
      (["rollout.max_num_seqs=8"], "max_num_seqs=8 sizes the vLLM engine.*needs rollout=vllm"),
+     (["rollout.kv_cache_dtype=fp8"], "kv_cache_dtype=fp8 sets the vLLM engine's KV cache: it needs rollout=vllm"),
+     (["rollout=vllm", "rollout.kv_cache_dtype=int4"], "rollout.kv_cache_dtype='int4' is not valid; choose one of auto, fp8"),
      (["rollout=vllm", "rollout.max_num_batched_tokens=0"], "max_num_batched_tokens=0 sizes the vLLM engine: it must be >= 1")],
 )  # fmt: skip
 def test_config_rules_name_the_setting_to_change(overrides, message):
