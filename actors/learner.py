@@ -29,7 +29,7 @@ from grpo_ray.parallel import LearnerGroup, torch_threads
 from grpo_ray.types import AdapterWeights, EngineAdapter, ScoredRollout, StepMetrics, process_info
 from grpo_ray.weights import (
     AdapterCopy,
-    adapter_pairs,
+    adapter_order,
     adapter_tensors,
     broadcast_buckets,
     bucket_buffers,
@@ -164,7 +164,7 @@ class LearnerActor:
         parameters (which the optimizer updates in place), and the tensors' shapes in that order."""
         lora, dtype = self.cfg.model.lora, torch_dtype(self.cfg.model.dtype, "cuda")
         tensors = adapter_tensors(self.model)
-        shapes = {name: list(tensors[name].shape) for _, a, b in adapter_pairs(tensors) for name in (a, b)}
+        shapes = {name: list(tensors[name].shape) for name in adapter_order(tensors)}
         sources = [tensors[name] for name in shapes]
         numel = bucket_numel or sum(t.numel() for t in sources)
         buckets, views = bucket_buffers(list(shapes.values()), dtype, self.device, numel)

@@ -64,7 +64,7 @@ def actor_options(cfg: DictConfig, sync: WeightSync, restartable: bool, timeout_
         rollout["runtime_env"] = learner["runtime_env"] = env
     pairs = cluster.placement == "colocate" or (
         cluster.placement == "split" and cluster.rollout_engines == cluster.learner_workers
-        and 0 < cluster.rollout_gpus + cluster.learner_gpus <= 1 and min(cluster.rollout_gpus, cluster.learner_gpus) > 0
+        and min(cluster.rollout_gpus, cluster.learner_gpus) > 0 and cluster.rollout_gpus + cluster.learner_gpus <= 1
     )  # fmt: skip
     if not pairs:
         return [rollout] * cluster.rollout_engines, [learner] * cluster.learner_workers, None

@@ -91,6 +91,11 @@ def adapter_pairs(names: Any) -> list[tuple[str, str, str]]:
     return out
 
 
+def adapter_order(names: Any) -> list[str]:
+    """The adapter's tensor names in the order every path sends them: A0, B0, A1, B1, ... (`adapter_pairs` order)."""
+    return [name for _, a, b in adapter_pairs(names) for name in (a, b)]
+
+
 def engine_values(tensors: dict[str, torch.Tensor], scale: float, dtype: torch.dtype) -> list[torch.Tensor]:
     """[A0, B0·α/r, A1, B1·α/r, ...] in `adapter_pairs` order and the engine's dtype (vLLM keeps B scaled)."""
     out = []
@@ -108,8 +113,7 @@ def engine_adapter(weights: AdapterWeights, scale: float, dtype: torch.dtype) ->
     """A peft adapter's tensors (eval, a saved adapter) in a vLLM engine's layout: `engine_values`
     back to back, as the learner's `export_engine_weights` sends them."""
     values = engine_values(weights.tensors, scale, dtype)
-    names = [name for _, a, b in adapter_pairs(weights.tensors) for name in (a, b)]
-    return EngineAdapter(weights.version, {name: list(v.shape) for name, v in zip(names, values)},
+    return EngineAdapter(weights.version, {name: list(v.shape) for name, v in zip(adapter_order(weights.tensors), values)},
                          str(dtype).removeprefix("torch."), payload_bytes(torch.cat([v.reshape(-1) for v in values])))  # fmt: skip
 
 

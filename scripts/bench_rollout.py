@@ -149,8 +149,9 @@ def main() -> None:
     bare_lora = statistics.median(rates["bare vLLM, LoRA"])
     rows = []
     for label, runs in rates.items():
-        rows.append({"row": label, "tokens_per_s": round(statistics.median(runs)), "runs": [round(x) for x in runs],
-                     "vs_bare_lora": round(statistics.median(runs) / bare_lora, 3), "bench": "rollout", "shape": args.shape,
+        median = statistics.median(runs)
+        rows.append({"row": label, "tokens_per_s": round(median), "runs": [round(x) for x in runs],
+                     "vs_bare_lora": round(median / bare_lora, 3), "bench": "rollout", "shape": args.shape,
                      "prompts": args.prompts, "g": args.g, "tokens": args.tokens, "r": args.r, "eager": args.eager})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     print("\n| row | tokens/s | × bare vLLM with LoRA | runs |\n|---|---:|---:|---|")
