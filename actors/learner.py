@@ -304,12 +304,15 @@ class LearnerActor:
         gap, tokens = self.group.sum(local, self.device)  # every worker decides on the same numbers
         mean_gap = gap / max(tokens, 1.0)
         if mean_gap > self.cfg.trainer.sync_check_tolerance:
+            kv_dtype = self.cfg.rollout.kv_cache_dtype
             raise SyncCheckError(
                 f"mean |learner logp - sampling logp| = {mean_gap:.4f} between the learner at weight version "
                 f"{self.version} and the rollout made by version {rollout_version} exceeds "
                 f"trainer.sync_check_tolerance={self.cfg.trainer.sync_check_tolerance}: the rollout engine is not "
                 "sampling from the learner's weights (or uses another temperature)"
-            )
+                + ("" if kv_dtype == "auto" else f", or its rollout.kv_cache_dtype={kv_dtype} attention is that far from "
+                   "the learner's: set rollout.kv_cache_dtype=auto, or raise trainer.sync_check_tolerance to accept it")
+            )  # fmt: skip
 
     def _skip_nonfinite(self, loss: float, grad_norm: float, batches: list[dict[str, Any]]) -> None:
         """Leave the weights as they are; stop the run after trainer.max_nonfinite_steps in a row."""

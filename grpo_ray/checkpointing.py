@@ -174,12 +174,10 @@ def apply_sequence_chunking(model: torch.nn.Module, chunk_tokens: int) -> None:
 
     The MLP's intermediate activations ([tokens × intermediate], 3 of them for a gated MLP: 3.5×
     the hidden size for Llama-3.1-8B) dominate a layer's working set on long sequences, and an
-    RMSNorm keeps an fp32 copy of its input (two bf16 hidden vectors a token). Each chunk runs under
-    its own non-reentrant checkpoint, so autograd keeps only the chunk's input (a view of the
-    module's) and its backward recomputes one chunk at a time: the peak is chunk_tokens × width,
-    whatever the sequence length, in forward, recomputation and backward. These modules treat
-    tokens independently, so the result is the same as in one pass; attention still sees the whole
-    sequence.
+    RMSNorm keeps an fp32 copy of its input (two bf16 hidden vectors a token). Autograd keeps only
+    the module's input; backward recomputes and differentiates one chunk at a time, so the peak is
+    chunk_tokens × width, whatever the sequence length. These modules treat tokens independently,
+    so the result is the same as in one pass; attention still sees the whole sequence.
     """
     if chunk_tokens == 0:
         return
@@ -192,18 +190,83 @@ def apply_sequence_chunking(model: torch.nn.Module, chunk_tokens: int) -> None:
         )
     norms = [child for layer in layers for child in layer.children() if type(child).__name__.endswith("Norm")]
     for module in mlps + norms:
-        module.forward = _chunked(module.forward, chunk_tokens)
+        module.forward = _chunked(module, module.forward, chunk_tokens)
 
 
-def _chunked(forward: LayerFn, chunk_tokens: int) -> LayerFn:
-    """`forward` of a token-wise module over [..., tokens, H] in pieces of `chunk_tokens` flattened tokens."""
+def _chunked(module: torch.nn.Module, forward: LayerFn, chunk_tokens: int) -> LayerFn:
+    """`forward` of token-wise `module` over [..., tokens, H] in pieces of `chunk_tokens` flattened tokens."""
 
     @functools.wraps(forward)
     def chunked_forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= chunk_tokens:
             return forward(x)
-        run = (lambda piece: checkpoint(forward, piece, use_reentrant=False)) if torch.is_grad_enabled() else forward
-        return torch.cat([run(piece) for piece in flat.split(chunk_tokens)]).view(*x.shape[:-1], -1)
+        params = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        if not (params or (torch.is_grad_enabled() and x.requires_grad)):
+            return torch.cat([forward(piece) for piece in flat.split(chunk_tokens)]).view(*x.shape[:-1], -1)
+        kept = _KeepInput.apply(flat)
+        out = _InChunks.apply(kept, kept.grad_fn, forward, chunk_tokens, *params)
+        return out.view(*x.shape[:-1], -1)
 
     return chunked_forward
+
+
+class _KeepInput(torch.autograd.Function):
+    """Identity that saves its input for _InChunks' backward, before _InChunks computes anything.
+
+    The order is the point: a decoder layer's checkpoint, recomputing the layer in backward, stops as
+    soon as it has re-saved everything the layer saved (torch's early stop). Saved here, ahead of
+    the chunks' forward, the input is the last thing the layer saves, so that recomputation stops
+    before running the MLP again; _InChunks' backward runs it once more, chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _InChunks(torch.autograd.Function):
+    """`forward` over `x` in chunks without a graph; backward recomputes and differentiates chunk by chunk.
+
+    `x` comes back in backward from `keeper` (the _KeepInput node that saved it), or from this node
+    when x needs no gradient (no keeper then). RNG and autocast state are replayed as in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, keeper, forward, chunk_tokens, *params):
+        # the parameters are the module's own, alive anyway: an attribute, not saved tensors (which
+        # would make the layer's recomputation run this forward to re-save them)
+        ctx.keeper, ctx.forward, ctx.chunk_tokens, ctx.params = keeper, forward, chunk_tokens, params
+        ctx.save_for_backward(*([] if keeper is not None else [x]))
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        return torch.cat([forward(piece) for piece in x.split(chunk_tokens)])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, params = (ctx.keeper if ctx.keeper is not None else ctx).saved_tensors[0], ctx.params
+        want_x = ctx.needs_input_grad[0]
+        grad_x, grad_params = [], [None] * len(params)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.set_rng_state(ctx.rng[0])
+            if x.is_cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+                for piece, grad_piece in zip(x.split(ctx.chunk_tokens), grad_out.split(ctx.chunk_tokens)):
+                    piece = piece.detach().requires_grad_(want_x)
+                    inputs = ([piece] if want_x else []) + list(params)
+                    grads = torch.autograd.grad(ctx.forward(piece), inputs, grad_piece, allow_unused=True)
+                    if want_x:
+                        grad_x.append(grads[0])
+                    grad_params = [_add(acc, g) for acc, g in zip(grad_params, grads[want_x:])]
+        return (torch.cat(grad_x) if want_x else None), None, None, None, *grad_params
+
+
+def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A running sum of per-chunk gradients, where a chunk may give none."""
+    return grad if total is None else total if grad is None else total + grad

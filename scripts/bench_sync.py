@@ -78,21 +78,23 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
     ]  # fmt: skip
     with SmiPeak(visible_gpu(), interval_s=0.2) as smi:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], check=True, env=env)
+        returncode = subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], env=env).returncode
         wall = time.perf_counter() - start
+    row = {"bench": "sync", "model": model_dir.name, "weight_sync": variant, "wall_s": round(wall, 1),
+           "gpu_used_gib_max": None if smi.peak is None else round(smi.peak, 2),
+           "per_process_gib_max": sorted((round(v, 2) for v in smi.per_process.values()), reverse=True)}  # fmt: skip
+    if returncode != 0:  # the memory measured up to the failure still counts
+        return {**row, "error": f"exit {returncode}"}
     records = read_metrics(out / run_name)
     trainer = load_config(overrides).trainer  # the task may set gradient_accumulation_steps
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
              for name in ("sync", "sync_engine", "sync_copy") if any(f"time/{name}" in r for r in records)}  # fmt: skip
     return {
-        "bench": "sync", "model": model_dir.name, "weight_sync": variant, "steps": len(records), "wall_s": round(wall, 1),
-        "completions_per_step": trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps,
+        **row, "steps": len(records), "completions_per_step": trainer.per_device_train_batch_size * trainer.gradient_accumulation_steps,
         **{f"{name}_ms_p50_p95": value for name, value in parts.items()},
         "sync_ms_min": round(min(r["time/sync"] for r in records) * 1e3, 2),
         "step_s_p50": round(statistics.median(r["time/step"] for r in records), 3),
         "tokens_per_s_p50": round(statistics.median(r["perf/tokens_per_s"] for r in records)),
-        "gpu_used_gib_max": None if smi.peak is None else round(smi.peak, 2),
-        "per_process_gib_max": sorted((round(v, 2) for v in smi.per_process.values()), reverse=True),
         "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
         "sampling_logp_gap_max": round(max(r["sampling/sampling_logp_difference/max"] for r in records), 4),
     }  # fmt: skip
@@ -112,17 +114,15 @@ def main() -> None:
         if not (model_dir / "config.json").exists():
             print(json.dumps({"built": build(shape, model_dir)}), flush=True)
         for path in args.paths:
-            try:
-                results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
-            except subprocess.CalledProcessError as e:  # the row says so; the other paths still run
-                results.append({"bench": "sync", "model": model_dir.name, "weight_sync": path, "error": f"exit {e.returncode}"})
+            results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
             print(json.dumps(results[-1]), flush=True)
     print("\n| model | weight_sync | sync p50 / p95 ms | of which engine call / copy p50 ms | step p50 s | tokens/s p50 | "
           "GPU used max GiB | per process GiB | learner peak GiB |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['weight_sync']} | failed ({r['error']}; its log is above) |||||||")
+            print(f"| {r['model']} | {r['weight_sync']} | failed ({r['error']}; its log is above) |||| "
+                  f"{r['gpu_used_gib_max']} (until it failed) | {r['per_process_gib_max']} ||")
             continue
         engine, copy = (r.get(f"{name}_ms_p50_p95", ("-",))[0] for name in ("sync_engine", "sync_copy"))
         print(f"| {r['model']} | {r['weight_sync']} | {' / '.join(map(str, r['sync_ms_p50_p95']))} | {engine} / {copy} | "

@@ -106,6 +106,8 @@ VARIANTS = {
     "offload+sequence_chunks@fp32": ["trainer.gradient_checkpointing=offload", "trainer.sequence_chunk_tokens=16",
                                      "model.dtype=float32"],
 }  # fmt: skip
+for _name in ("offload+budget", "offload+budget+padding_free"):  # their fp32 twins
+    VARIANTS[f"{_name}@fp32"] = [*VARIANTS[_name], "model.dtype=float32"]
 
 
 @pytest.fixture(scope="module")
@@ -160,26 +162,31 @@ def test_checkpointing_gives_the_step_without_it(steps, mode):
     assert err["grad_rel"] < 1e-2
 
 
+def _as_close_to_fp32_as_one_pass(steps: dict[str, dict], name: str) -> None:
+    """`name` in bf16 is as close to the fp32 one-pass step as the bf16 one-pass step is (within 2×).
+
+    bf16 LoRA compute rounds differently on other shapes (H200, micro-batches of ≤ 96 tokens: KL
+    7.9e-3 from the one-pass step), so the bf16 gap is measured against fp32, where shapes change
+    nothing: the gap must be bf16's, not the variant's."""
+    one_pass = _errors("bf16 one pass vs fp32", steps["offload"], steps["offload@fp32"])
+    variant = _errors(f"bf16 {name} vs fp32", steps[name], steps["offload@fp32"])
+    for key in ("loss_abs", "kl_abs", "grad_rel"):
+        assert variant[key] <= 2 * one_pass[key] + 1e-6, key
+
+
 def test_mlp_in_sequence_chunks_gives_the_one_pass_step(steps):
     # fp32 compute: chunks change only the matmuls' shapes, so the step is the one-pass step
     err = _errors("fp32: offload+sequence_chunks vs one pass", steps["offload+sequence_chunks@fp32"], steps["offload@fp32"])
     assert err["loss_abs"] < 1e-4 and err["kl_abs"] < 1e-4 and err["grad_rel"] < 1e-3
-    # bf16: a 16-token chunk takes other GEMM kernels than the whole sequence, so other roundings
-    # (H200: KL 7.4e-3 apart). Measured against the fp32 step, the chunked bf16 step must be as close
-    # as the one-pass bf16 step is: the gap is bf16's, not the chunking's.
-    one_pass = _errors("bf16 one pass vs fp32", steps["offload"], steps["offload@fp32"])
-    chunked = _errors("bf16 sequence chunks vs fp32", steps["offload+sequence_chunks"], steps["offload@fp32"])
-    for key in ("loss_abs", "kl_abs", "grad_rel"):
-        assert chunked[key] <= 2 * one_pass[key] + 1e-6, key
+    _as_close_to_fp32_as_one_pass(steps, "offload+sequence_chunks")
 
 
 @pytest.mark.parametrize("variant", ["offload+budget", "offload+budget+padding_free"])
 def test_micro_batches_by_token_budget_give_the_one_pass_step(steps, variant):
     assert steps["offload"]["micro_batches"] == 1 and steps[variant]["micro_batches"] >= 3
-    err = _errors(f"{variant} vs one pass", steps[variant], steps["offload"])
-    # other shapes, so other bf16 roundings (the bounds of test_learner_gpu's bf16 comparison)
-    assert err["loss_abs"] < 1e-3 and err["kl_abs"] < 1e-3
-    assert err["grad_rel"] < 5e-2
+    err = _errors(f"fp32: {variant} vs one pass", steps[f"{variant}@fp32"], steps["offload@fp32"])
+    assert err["loss_abs"] < 1e-4 and err["kl_abs"] < 1e-4 and err["grad_rel"] < 1e-3
+    _as_close_to_fp32_as_one_pass(steps, variant)
 
 
 def _activation_peak(layers: int, mode: str, tokens: int, hidden: int) -> int:

@@ -145,7 +145,12 @@ def test_first_step_sync_check_catches_engine_on_other_weights(tiny_model_dir, t
     from grpo_ray.actors.learner import SyncCheckError
 
     with pytest.raises(SyncCheckError, match=r"mean \|learner logp - sampling logp\| = .* learner at weight version 0 "
-                                             r"and the rollout made by version 0 exceeds"):
+                                             r"and the rollout made by version 0 exceeds") as info:
+        learner.train_step(scored)
+    assert "kv_cache_dtype" not in str(info.value)
+    # an fp8 KV cache (vllm) is another way to be far off: the error names the setting
+    learner.cfg.rollout.kv_cache_dtype = "fp8"
+    with pytest.raises(SyncCheckError, match="rollout.kv_cache_dtype=fp8 attention .* set rollout.kv_cache_dtype=auto"):
         learner.train_step(scored)
 
 

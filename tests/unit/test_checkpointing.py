@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo_ray.checkpointing import MODES, apply_gradient_checkpointing, apply_sequence_chunking, decoder_layers
+from grpo_ray.checkpointing import MODES, _chunked, apply_gradient_checkpointing, apply_sequence_chunking, decoder_layers
 from grpo_ray.models import add_lora
 
 LAYERS = 4
@@ -137,7 +137,7 @@ def test_mlp_in_sequence_chunks_gives_the_same_loss_and_gradients(base_config, m
 
 def test_chunked_mlp_keeps_no_tokens_by_intermediate_activation(base_config):
     """Without chunks autograd keeps [tokens × intermediate] tensors of every MLP; with chunks of 5
-    tokens, nothing larger than one chunk of the layer's input is kept (the rest is recomputed)."""
+    tokens, nothing larger than the MLP's input (backward recomputes the rest, a chunk at a time)."""
 
     def largest_saved(chunk_tokens: int) -> int:
         model = _lora_model(base_config, "off", chunk_tokens)
@@ -145,11 +145,55 @@ def test_chunked_mlp_keeps_no_tokens_by_intermediate_activation(base_config):
         sizes: list[int] = []
         x = torch.randn(3, 17, base_config.hidden_size, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            mlp(x).sum().backward()
+            out = mlp(x)
+        out.sum().backward()
+        assert x.grad is not None and mlp.down_proj.lora_A.default.weight.grad is not None
         return max(sizes)
 
     assert largest_saved(0) >= 51 * base_config.intermediate_size
-    assert largest_saved(5) <= 5 * base_config.hidden_size
+    assert largest_saved(5) <= 51 * base_config.hidden_size
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_mlp_runs_twice_per_chunk_not_again_in_the_layers_recomputation(base_config, mode):
+    """Forward, then backward's recomputation of each chunk: a checkpointed layer's own recomputation
+    stops before the MLP, so sequence chunks cost no third MLP forward."""
+    model = _lora_model(base_config, mode)
+    calls = []
+    for layer in decoder_layers(model):
+        original = layer.mlp.forward
+        layer.mlp.forward = lambda x, original=original: calls.append(x.shape[-2]) or original(x)
+    apply_sequence_chunking(model, 5)
+    _loss_and_grads(model)  # 51 tokens: 11 chunks a layer
+    assert len(calls) == LAYERS * 2 * 11, len(calls)
+
+
+def test_chunks_recomputed_in_backward_replay_the_forwards_dropout(base_config):
+    """LoRA dropout draws random masks: backward's recomputation draws the forward's, so the
+    gradients are those of the same chunks run once with autograd keeping everything."""
+    from transformers import LlamaForCausalLM
+
+    def grads(chunked: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        lora = SimpleNamespace(r=4, alpha=8, dropout=0.5, target_modules=["all-linear"])
+        mlp = decoder_layers(add_lora(LlamaForCausalLM(base_config), lora))[0].mlp.train()
+        for name, p in mlp.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)  # so that A gets gradients too
+        x = torch.randn(51, base_config.hidden_size, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(3)
+        if chunked:
+            mlp.forward = _chunked(mlp, mlp.forward, 5)
+            out = mlp(x)
+        else:
+            out = torch.cat([mlp(piece) for piece in x.split(5)])
+        out.pow(2).sum().backward()
+        return {n: p.grad for n, p in mlp.named_parameters() if p.requires_grad}
+
+    got, expected = grads(chunked=True), grads(chunked=False)
+    assert all(g.abs().sum() > 0 for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_sequence_chunks_need_decoder_mlps():
