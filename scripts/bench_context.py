@@ -22,9 +22,20 @@ counts as failed too.
     PYTHONPATH=. python scripts/bench_context.py --configs ours --no-whole-gpu --caps 79.6 24  # an H200 as an H100 80GB (79.6 GiB)
     PYTHONPATH=. python scripts/bench_context.py --configs no_offload no_sequence_chunks --caps 24 --lengths 8192 16384 32768
 
+Part (b), configuration `whole_step`: one colocated `grpo-ray rollout=vllm` step instead, through
+scripts/bench_sync.py's run (nvidia-smi sampled over all processes on the run's GPU): the 4-bit
+engine generates the group (prompts of 512 tokens in the model's chat template, completions forced
+to length with ignore_eos), syncs the adapter and the learner takes its step with `ours`' settings.
+The model is saved under --models (scripts/random_model.py builds it there if missing). A budget is
+enforced by the run's own caps, passed with --overrides, e.g. `rollout.kv_cache_gib=11
+cluster.learner_memory_gib=13`; over the budget by nvidia-smi counts as failed, as above.
+
+    PYTHONPATH=. python scripts/bench_context.py --configs whole_step --no-whole-gpu --caps 24 --lengths 40960 \
+        --models /tmp/models --overrides rollout.kv_cache_gib=11 rollout.kv_cache_dtype=fp8 cluster.learner_memory_gib=13
+
 Writes <out>/context.jsonl (every attempt), prints a Markdown table of the largest length that fit
 per configuration and budget, and plots peak memory against length (<out>/context.png; needs
-matplotlib). The whole colocated step (the engine generating the group too) is not measured here.
+matplotlib).
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sync  # noqa: E402
 from bench_memory import Row, Shape, log, measure  # noqa: E402
 from random_model import LLAMA_31_8B  # noqa: E402
 
@@ -50,6 +64,18 @@ CONFIGS = {
     "no_offload": Row("nf4", "on", "triton", "sequence", sequence_chunk_tokens=4096),
     "reference_kernel": Row("nf4", "offload", "reference", "sequence", sequence_chunk_tokens=4096),
 }
+WHOLE_STEP = "whole_step"  # part (b): the colocated grpo-ray step, the engine generating the group
+
+
+@dataclass
+class WholeStep:
+    """Part (b)'s setup: the folder of the saved random model, and the run's own overrides (its caps)."""
+
+    models: Path = Path(tempfile.gettempdir()) / "grpo_ray_models"
+    overrides: list[str] = field(default_factory=list)
+
+
+WHOLE = WholeStep()  # main() sets it from the command line
 
 
 def shape_of(length: int) -> Shape:
@@ -65,6 +91,8 @@ def fits(record: dict[str, Any]) -> bool:
 
 def attempt(config: str, length: int, cap_gib: float | None, timeout_s: float) -> dict[str, Any]:
     """One step in a fresh process (its peaks its own); the record, with `error` when it failed."""
+    if config == WHOLE_STEP:
+        return whole_step(length, cap_gib, timeout_s)
     command = [sys.executable, os.path.abspath(__file__), "--attempt", config, str(length), str(cap_gib or 0)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     base = {"row": config, "length": length, "cap_gib": cap_gib}
@@ -77,6 +105,46 @@ def attempt(config: str, length: int, cap_gib: float | None, timeout_s: float) -
     if proc.returncode != 0 or not records:
         return {**base, "error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
     return {**json.loads(records[-1]), **base, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def prompt_file(model_dir: Path, tokens: int, path: Path, rows: int = 8) -> int:
+    """Write `rows` prompts that the model's chat template makes `tokens` long (or the longest below
+    that its tokenizer allows) to a jsonl task file; their length in tokens."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray.data import prompt_token_ids, to_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    length = lambda n: len(prompt_token_ids(to_messages("a" * n, None), tokenizer))  # noqa: E731
+    low, high = 0, 8 * tokens  # the longest filler whose prompt fits: length grows with n
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= tokens else (low, middle - 1)
+    path.write_text("".join(json.dumps({"prompt": "a" * low, "answer": "0"}) + "\n" for _ in range(rows)))
+    return length(low)
+
+
+def whole_step(length: int, cap_gib: float | None, timeout_s: float) -> dict[str, Any]:
+    """Part (b) at `length` tokens a sequence: one colocated grpo-ray step (bench_sync.run); its record."""
+    model_dir = WHOLE.models / "llama-3.1-8b"
+    if not (model_dir / "config.json").exists():  # built in its own process: no CUDA context stays in this one
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "random_model.py"),
+                        "llama-3.1-8b", str(model_dir)], check=True)  # fmt: skip
+    out = Path(tempfile.mkdtemp(prefix="bench-context-"))
+    prompt_tokens = prompt_file(model_dir, PROMPT_TOKENS, out / "prompts.jsonl")
+    overrides = [
+        "model.quantization=nf4", "task.source=file", f"task.path={out / 'prompts.jsonl'}", "task.num_examples=null",
+        f"rollout.num_generations={GENERATIONS}", f"trainer.per_device_train_batch_size={GENERATIONS}",
+        "trainer.gradient_accumulation_steps=1", f"rollout.max_prompt_length={prompt_tokens}",
+        f"rollout.max_completion_length={length - prompt_tokens}", "+rollout.generation_kwargs.ignore_eos=true",
+        "trainer.gradient_checkpointing=offload", f"trainer.max_tokens_per_microbatch={length}",
+        f"trainer.sequence_chunk_tokens={CONFIGS['ours'].sequence_chunk_tokens}", *WHOLE.overrides,
+    ]  # fmt: skip
+    record = bench_sync.run(model_dir, "cuda_ipc", 1, out, overrides, timeout_s)
+    return {**record, "row": WHOLE_STEP, "length": length, "cap_gib": cap_gib, "prompt_tokens": prompt_tokens,
+            "overrides": WHOLE.overrides, "smi_peak_gib": record["gpu_used_gib_max"],
+            "peak_allocated_gib": record.get("learner_peak_gib"), "step_s": record.get("step_s_p50"),
+            "tokens_per_s": record.get("tokens_per_s_p50")}  # fmt: skip
 
 
 def try_length(config: str, length: int, cap_gib: float | None, timeout_s: float, sink: Any) -> bool:
@@ -148,7 +216,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=[*CONFIGS, WHOLE_STEP], default=list(CONFIGS))
+    parser.add_argument("--models", type=Path, default=WHOLE.models, help="whole_step: the saved random model's folder")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="whole_step: grpo-ray overrides for its run, e.g. its caps rollout.kv_cache_gib=11 cluster.learner_memory_gib=13")
     parser.add_argument("--caps", nargs="*", type=float, default=[24.0], help="GiB budgets besides the whole GPU")
     parser.add_argument("--no-whole-gpu", action="store_true",
                         help="only the --caps budgets (on a card larger than the 80 GB one of the issue: --caps 79.6 24, an H100 80GB holds 79.6 GiB)")
@@ -161,6 +232,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_context"))
     parser.add_argument("--attempt", nargs=3, help=argparse.SUPPRESS)  # internal: CONFIG LENGTH CAP_GIB, here
     args = parser.parse_args()
+    if args.overrides and WHOLE_STEP not in args.configs:
+        parser.error(f"--overrides are for --configs {WHOLE_STEP}'s run")
+    WHOLE.models, WHOLE.overrides = args.models, args.overrides
     if args.attempt:
         config, length, cap = args.attempt[0], int(args.attempt[1]), float(args.attempt[2]) or None
         log(measure(config, CONFIGS[config], f"llama-3.1-8b@{length}", shape_of(length), cap))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,9 +61,9 @@ def percentiles(values_s: list[float]) -> tuple[float, float]:
 MODES = {"": [], "inproc": [], "async": ["trainer.async_steps=1"]}
 
 
-def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) -> dict:
+def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str], timeout_s: float | None = None) -> dict:
     """One training run with `cluster.weight_sync=PATH` (variant `PATH[:MODE]`, MODES); its sync
-    times, step times and memory."""
+    times, step times and memory. A run past `timeout_s` is killed with its process group."""
     path, _, mode = variant.partition(":")
     if mode not in MODES:
         raise SystemExit(f"--paths {variant}: unknown mode {mode!r}; modes: inproc, async")
@@ -78,13 +79,19 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str]) 
     ]  # fmt: skip
     with SmiPeak(visible_gpu(), interval_s=0.2) as smi:
         start = time.perf_counter()
-        returncode = subprocess.run([sys.executable, "-m", "grpo_ray", *overrides], env=env).returncode
+        proc = subprocess.Popen([sys.executable, "-m", "grpo_ray", *overrides], env=env, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            returncode = f"timed out after {timeout_s:g} s"
+            proc.wait()
         wall = time.perf_counter() - start
     row = {"bench": "sync", "model": model_dir.name, "weight_sync": variant, "wall_s": round(wall, 1),
            "gpu_used_gib_max": None if smi.peak is None else round(smi.peak, 2),
            "per_process_gib_max": sorted((round(v, 2) for v in smi.per_process.values()), reverse=True)}  # fmt: skip
     if returncode != 0:  # the memory measured up to the failure still counts
-        return {**row, "error": f"exit {returncode}"}
+        return {**row, "error": returncode if isinstance(returncode, str) else f"exit {returncode}"}
     records = read_metrics(out / run_name)
     trainer = load_config(overrides).trainer  # the task may set gradient_accumulation_steps
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])

@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -48,3 +49,51 @@ def test_sweep_tries_the_given_lengths_until_one_fails(ceiling):
     _, tried = ceiling
     assert bench_context.sweep("no_offload", 24.0, [65536, 8192, 16384, 131072], 60, io.StringIO()) == 16384
     assert tried == [8192, 16384, 65536]
+
+
+def test_prompt_file_makes_prompts_of_the_asked_length_in_the_chat_template(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from grpo_ray.data import prompt_token_ids, to_messages
+
+    path = tmp_path / "prompts.jsonl"
+    assert bench_context.prompt_file(tiny_model_dir, 512, path, rows=3) == 512
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(rows) == 3 and all(len(prompt_token_ids(to_messages(r["prompt"], None), tokenizer)) == 512 for r in rows)
+
+
+def test_whole_step_runs_one_colocated_grpo_ray_step_at_the_length(tiny_model_dir, tmp_path, monkeypatch):
+    """Part (b): the run bench_sync starts is a valid grpo-ray config whose prompt and completion make
+    up the length, with the caller's caps; its memory and failure come back as the attempt's record."""
+    import shutil
+    import subprocess
+
+    import bench_sync
+
+    from grpo_ray.config import load_config
+
+    shutil.copytree(tiny_model_dir, tmp_path / "llama-3.1-8b")  # stands in for the saved 8B shape
+    monkeypatch.setattr(bench_context, "WHOLE", bench_context.WholeStep(tmp_path, ["rollout.kv_cache_gib=11"]))
+    argv = []
+
+    class Exited:  # the run, ended with exit 1 before writing metrics
+        def __init__(self, command, **kwargs):
+            argv.extend(command)
+            self.pid = 0
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(bench_sync, "subprocess", SimpleNamespace(Popen=Exited, TimeoutExpired=subprocess.TimeoutExpired))
+    record = bench_context.attempt(bench_context.WHOLE_STEP, 40960, 24.0, 60)
+    assert argv[1:3] == ["-m", "grpo_ray"]
+    cfg = load_config(argv[3:])
+    assert (cfg.rollout.backend, cfg.cluster.placement, cfg.model.quantization) == ("vllm", "colocate", "nf4")
+    assert cfg.rollout.max_prompt_length == 512 and cfg.rollout.max_completion_length == 40960 - 512
+    assert cfg.rollout.generation_kwargs["ignore_eos"] is True and cfg.rollout.kv_cache_gib == 11
+    assert cfg.trainer.per_device_train_batch_size == cfg.rollout.num_generations == 4
+    assert (cfg.trainer.gradient_checkpointing, cfg.trainer.sequence_chunk_tokens) == ("offload", 4096)
+    assert cfg.task.source == "file" and bench_context.Path(cfg.task.path).exists()
+    assert record["row"] == "whole_step" and record["length"] == 40960 and record["prompt_tokens"] == 512
+    assert record["error"] == "exit 1" and not bench_context.fits(record)
