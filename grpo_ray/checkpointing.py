@@ -245,26 +245,32 @@ class _InChunks(torch.autograd.Function):
         ctx.save_for_backward(*([] if keeper is not None else [x]))
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        return torch.cat([forward(piece) for piece in x.split(chunk_tokens)])
+        out = None  # filled chunk by chunk: no chunk outputs held beside the whole, as torch.cat would
+        for start in range(0, x.shape[0], chunk_tokens):
+            y = forward(x[start : start + chunk_tokens])
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out[start : start + y.shape[0]] = y
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, params = (ctx.keeper if ctx.keeper is not None else ctx).saved_tensors[0], ctx.params
         want_x = ctx.needs_input_grad[0]
-        grad_x, grad_params = [], [None] * len(params)
+        grad_x, grad_params = (torch.empty_like(x) if want_x else None), [None] * len(params)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.set_rng_state(ctx.rng[0])
             if x.is_cuda:
                 torch.cuda.set_rng_state(ctx.rng[1], x.device)
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                for piece, grad_piece in zip(x.split(ctx.chunk_tokens), grad_out.split(ctx.chunk_tokens)):
-                    piece = piece.detach().requires_grad_(want_x)
+                for start in range(0, x.shape[0], ctx.chunk_tokens):
+                    rows = slice(start, start + ctx.chunk_tokens)
+                    piece = x[rows].detach().requires_grad_(want_x)
                     inputs = ([piece] if want_x else []) + list(params)
-                    grads = torch.autograd.grad(ctx.forward(piece), inputs, grad_piece, allow_unused=True)
+                    grads = torch.autograd.grad(ctx.forward(piece), inputs, grad_out[rows], allow_unused=True)
                     if want_x:
-                        grad_x.append(grads[0])
+                        grad_x[rows] = grads[0]
                     grad_params = [_add(acc, g) for acc, g in zip(grad_params, grads[want_x:])]
-        return (torch.cat(grad_x) if want_x else None), None, None, None, *grad_params
+        return grad_x, None, None, None, *grad_params
 
 
 def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
