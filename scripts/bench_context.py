@@ -132,13 +132,15 @@ def whole_step(length: int, cap_gib: float | None, timeout_s: float) -> dict[str
                         "llama-3.1-8b", str(model_dir)], check=True)  # fmt: skip
     out = Path(tempfile.mkdtemp(prefix="bench-context-"))
     prompt_tokens = prompt_file(model_dir, PROMPT_TOKENS, out / "prompts.jsonl")
+    ours = CONFIGS["ours"]  # the learner's settings; one sequence a micro-batch
     overrides = [
-        "model.quantization=nf4", "task.source=file", f"task.path={out / 'prompts.jsonl'}", "task.num_examples=null",
-        f"rollout.num_generations={GENERATIONS}", f"trainer.per_device_train_batch_size={GENERATIONS}",
+        f"model.quantization={ours.quantization}", "task.source=file", f"task.path={out / 'prompts.jsonl'}",
+        "task.num_examples=null", f"rollout.num_generations={GENERATIONS}", f"trainer.per_device_train_batch_size={GENERATIONS}",
         "trainer.gradient_accumulation_steps=1", f"rollout.max_prompt_length={prompt_tokens}",
         f"rollout.max_completion_length={length - prompt_tokens}", "+rollout.generation_kwargs.ignore_eos=true",
-        "trainer.gradient_checkpointing=offload", f"trainer.max_tokens_per_microbatch={length}",
-        f"trainer.sequence_chunk_tokens={CONFIGS['ours'].sequence_chunk_tokens}", *WHOLE.overrides,
+        f"trainer.gradient_checkpointing={ours.gradient_checkpointing}", f"loss.kernel={ours.kernel}",
+        f"trainer.max_tokens_per_microbatch={length}", f"trainer.sequence_chunk_tokens={ours.sequence_chunk_tokens}",
+        *WHOLE.overrides,
     ]  # fmt: skip
     record = bench_sync.run(model_dir, "cuda_ipc", 1, out, overrides, timeout_s)
     return {**record, "row": WHOLE_STEP, "length": length, "cap_gib": cap_gib, "prompt_tokens": prompt_tokens,

@@ -93,7 +93,7 @@ def test_whole_step_runs_one_colocated_grpo_ray_step_at_the_length(tiny_model_di
     assert cfg.rollout.max_prompt_length == 512 and cfg.rollout.max_completion_length == 40960 - 512
     assert cfg.rollout.generation_kwargs["ignore_eos"] is True and cfg.rollout.kv_cache_gib == 11
     assert cfg.trainer.per_device_train_batch_size == cfg.rollout.num_generations == 4
-    assert (cfg.trainer.gradient_checkpointing, cfg.trainer.sequence_chunk_tokens) == ("offload", 4096)
+    assert (cfg.trainer.gradient_checkpointing, cfg.trainer.sequence_chunk_tokens, cfg.loss.kernel) == ("offload", 4096, "triton")
     assert cfg.task.source == "file" and bench_context.Path(cfg.task.path).exists()
     assert record["row"] == "whole_step" and record["length"] == 40960 and record["prompt_tokens"] == 512
     assert record["error"] == "exit 1" and not bench_context.fits(record)
