@@ -202,10 +202,11 @@ def _chunked(module: torch.nn.Module, forward: LayerFn, chunk_tokens: int) -> La
         if flat.shape[0] <= chunk_tokens:
             return forward(x)
         params = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        if not (params or (torch.is_grad_enabled() and x.requires_grad)):
-            return torch.cat([forward(piece) for piece in flat.split(chunk_tokens)]).view(*x.shape[:-1], -1)
-        kept = _KeepInput.apply(flat)
-        out = _InChunks.apply(kept, kept.grad_fn, forward, chunk_tokens, *params)
+        if params or (torch.is_grad_enabled() and x.requires_grad):
+            kept = _KeepInput.apply(flat)
+            out = _InChunks.apply(kept, kept.grad_fn, forward, chunk_tokens, *params)
+        else:  # nothing to differentiate
+            out = _run_in_chunks(forward, flat, chunk_tokens)
         return out.view(*x.shape[:-1], -1)
 
     return chunked_forward
@@ -245,12 +246,7 @@ class _InChunks(torch.autograd.Function):
         ctx.save_for_backward(*([] if keeper is not None else [x]))
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        out = None  # filled chunk by chunk: no chunk outputs held beside the whole, as torch.cat would
-        for start in range(0, x.shape[0], chunk_tokens):
-            y = forward(x[start : start + chunk_tokens])
-            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
-            out[start : start + y.shape[0]] = y
-        return out
+        return _run_in_chunks(forward, x, chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -271,6 +267,17 @@ class _InChunks(torch.autograd.Function):
                         grad_x[rows] = grads[0]
                     grad_params = [_add(acc, g) for acc, g in zip(grad_params, grads[want_x:])]
         return grad_x, None, None, None, *grad_params
+
+
+def _run_in_chunks(forward: LayerFn, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """`forward` over the rows of `x`, `chunk_tokens` at a time, into one output filled as the chunks
+    come (torch.cat of a list would hold the chunks' outputs beside the whole)."""
+    out = None
+    for start in range(0, x.shape[0], chunk_tokens):
+        y = forward(x[start : start + chunk_tokens])
+        out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+        out[start : start + y.shape[0]] = y
+    return out
 
 
 def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -81,17 +81,18 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str], 
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "grpo_ray", *overrides], env=env, start_new_session=True)
         try:
-            returncode = proc.wait(timeout_s)
+            code = proc.wait(timeout_s)
+            error = f"exit {code}" if code else None
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            returncode = f"timed out after {timeout_s:g} s"
             proc.wait()
+            error = f"timed out after {timeout_s:g} s"
         wall = time.perf_counter() - start
     row = {"bench": "sync", "model": model_dir.name, "weight_sync": variant, "wall_s": round(wall, 1),
            "gpu_used_gib_max": None if smi.peak is None else round(smi.peak, 2),
            "per_process_gib_max": sorted((round(v, 2) for v in smi.per_process.values()), reverse=True)}  # fmt: skip
-    if returncode != 0:  # the memory measured up to the failure still counts
-        return {**row, "error": returncode if isinstance(returncode, str) else f"exit {returncode}"}
+    if error:  # the memory measured up to the failure still counts
+        return {**row, "error": error}
     records = read_metrics(out / run_name)
     trainer = load_config(overrides).trainer  # the task may set gradient_accumulation_steps
     parts = {name: percentiles([r[f"time/{name}"] for r in records if f"time/{name}" in r])
