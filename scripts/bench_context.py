@@ -33,6 +33,12 @@ cluster.learner_memory_gib=13`; over the budget by nvidia-smi counts as failed, 
     PYTHONPATH=. python scripts/bench_context.py --configs whole_step --no-whole-gpu --caps 24 --lengths 40960 \
         --models /tmp/models --overrides rollout.kv_cache_gib=11 rollout.kv_cache_dtype=fp8 cluster.learner_memory_gib=13
 
+Speed, `--speed REPEATS --lengths ...`: instead of the search, each configuration's learner
+tokens/s at the given lengths side by side in one process and on one model, the lengths' steps
+taken in turn REPEATS times (the issue's "within 15 % at 32K of 4K"); medians to <out>/speed.jsonl.
+
+    PYTHONPATH=. python scripts/bench_context.py --configs ours no_sequence_chunks --speed 3 --lengths 4096 32768
+
 Writes <out>/context.jsonl (every attempt), prints a Markdown table of the largest length that fit
 per configuration and budget, and plots peak memory against length (<out>/context.png; needs
 matplotlib).
@@ -43,17 +49,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sync  # noqa: E402
-from bench_memory import Row, Shape, log, measure  # noqa: E402
+import torch  # noqa: E402
+from bench_memory import Row, Shape, build_model, log, make_learner, measure, random_rollout, versions  # noqa: E402
 from random_model import LLAMA_31_8B  # noqa: E402
 
 PROMPT_TOKENS = 512
@@ -78,9 +86,9 @@ class WholeStep:
 WHOLE = WholeStep()  # main() sets it from the command line
 
 
-def shape_of(length: int) -> Shape:
+def shape_of(length: int, model_config: dict[str, Any] = LLAMA_31_8B) -> Shape:
     """The issue's shape at `length` tokens per sequence."""
-    return Shape(LLAMA_31_8B, generations=GENERATIONS, prompt_tokens=PROMPT_TOKENS, completion_tokens=length - PROMPT_TOKENS)
+    return Shape(model_config, generations=GENERATIONS, prompt_tokens=PROMPT_TOKENS, completion_tokens=length - PROMPT_TOKENS)
 
 
 def fits(record: dict[str, Any]) -> bool:
@@ -105,6 +113,48 @@ def attempt(config: str, length: int, cap_gib: float | None, timeout_s: float) -
     if proc.returncode != 0 or not records:
         return {**base, "error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
     return {**json.loads(records[-1]), **base, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def speed(row: Row, lengths: list[int], repeats: int, model_config: dict[str, Any] = LLAMA_31_8B) -> dict[str, Any]:
+    """Learner tokens/s at each length side by side: one process, one model, the lengths' steps taken in
+    turn `repeats` times (after a warm-up step at each), so that drift between processes or over time
+    falls on every length alike; per length, every step's time and the median's tokens/s."""
+    from transformers import LlamaConfig
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    config = LlamaConfig(**model_config)
+    model = build_model(config, device, quantize=row.quantization == "nf4")
+    # the longest length's shape; the shortest's micro-batch budget: every sequence alone at every length
+    learner = make_learner(model, row, shape_of(max(lengths), model_config), device, max_tokens=min(lengths))
+
+    def step(length: int) -> tuple[float, int]:
+        scored = random_rollout(shape_of(length, model_config), config.vocab_size,
+                                [length - PROMPT_TOKENS] * GENERATIONS, learner.version)  # fmt: skip
+        micro_batches = len(learner._micro_batches(scored))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        learner.train_step(scored)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, micro_batches
+
+    for length in sorted(lengths, reverse=True):  # warm-up; the longest first sizes offloading's pinned host blocks
+        step(length)
+    times: dict[int, list[float]] = {length: [] for length in lengths}
+    micro_batches: dict[int, int] = {}
+    for _ in range(repeats):
+        for length in lengths:
+            seconds, micro_batches[length] = step(length)
+            times[length].append(round(seconds, 3))
+            print(f"speed: {length} tokens a sequence, {seconds:.2f} s", file=sys.stderr, flush=True)
+    tokens_per_s = {n: round(GENERATIONS * n / statistics.median(t)) for n, t in times.items()}
+    shortest = tokens_per_s[min(lengths)]
+    return {
+        "bench": "context_speed", **asdict(row), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else "cpu", **versions(), "repeats": repeats, "micro_batches": micro_batches, "step_s": times,
+        "tokens_per_s_median": tokens_per_s, "slower_than_shortest": {n: round(1 - t / shortest, 4) for n, t in tokens_per_s.items()},
+    }  # fmt: skip
 
 
 def prompt_file(model_dir: Path, tokens: int, path: Path, rows: int = 8) -> int:
@@ -200,17 +250,23 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         print(f"(no plot: matplotlib is not installed; the numbers are in {path.with_suffix('.jsonl')})")
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key in sorted({(r["row"], r["cap_gib"]) for r in records}, key=str):
-        points = sorted((r["length"], r["peak_allocated_gib"]) for r in records
-                        if (r["row"], r["cap_gib"]) == key and r.get("fits"))  # fmt: skip
-        if points:
-            label = f"{key[0]}" + (f" (cap {key[1]:g} GiB)" if key[1] else "")
-            ax.plot([p[0] / 1024 for p in points], [p[1] for p in points], marker="o", label=label)
+    key_of = lambda r: (r["row"], r["cap_gib"], r.get("alloc_conf") or "")  # noqa: E731
+    records = [r for r in records if r["row"] != WHOLE_STEP]  # its peak_allocated_gib is the learner's beside the engine
+    for key in sorted({key_of(r) for r in records}, key=str):
+        mine = [r for r in records if key_of(r) == key and r.get("peak_allocated_gib") is not None]
+        points = sorted((r["length"], r["peak_allocated_gib"]) for r in mine if r.get("fits"))
+        failed = sorted((r["length"], r["peak_allocated_gib"]) for r in mine if not r.get("fits"))
+        label = f"{key[0]}" + (f" (cap {key[1]:g} GiB)" if key[1] else "") + (f", {key[2]}" if key[2] else "")
+        line = ax.plot([p[0] / 1024 for p in points], [p[1] for p in points], marker="o", label=label if points else None)[0]
+        # attempts that failed (out of memory: the allocation reached when it failed; over the budget by nvidia-smi)
+        ax.plot([p[0] / 1024 for p in failed], [p[1] for p in failed], "x", color=line.get_color(), markersize=9,
+                label=None if points else label)  # fmt: skip
+    ax.plot([], [], "kx", label="failed: out of memory, or over the budget")
     ax.set_xlabel("tokens per sequence (K), 4 sequences a step")
     ax.set_ylabel("peak allocated GiB (learner step)")
     ax.set_title("Llama-3.1-8B shape, QLoRA r=16: learner memory against context length")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -232,6 +288,8 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int,
                         help="try these lengths (increasing, until one fails) instead of searching: e.g. the ablations' points")
     parser.add_argument("--out", type=Path, default=Path("bench_context"))
+    parser.add_argument("--speed", type=int, metavar="REPEATS",
+                        help="instead of the search: each config's tokens/s at --lengths, side by side in one process")
     parser.add_argument("--attempt", nargs=3, help=argparse.SUPPRESS)  # internal: CONFIG LENGTH CAP_GIB, here
     args = parser.parse_args()
     if args.overrides and WHOLE_STEP not in args.configs:
@@ -242,6 +300,15 @@ def main() -> None:
         log(measure(config, CONFIGS[config], f"llama-3.1-8b@{length}", shape_of(length), cap))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        if not args.lengths or WHOLE_STEP in args.configs:
+            parser.error("--speed compares learner steps at --lengths: give --lengths, and configs other than whole_step")
+        with open(args.out / "speed.jsonl", "a") as sink:
+            for config in args.configs:
+                record = {"row": config, **speed(CONFIGS[config], args.lengths, args.speed)}
+                log(record)
+                sink.write(json.dumps(record) + "\n")
+        return
     best: dict[tuple[str, float | None], int] = {}
     with open(args.out / "context.jsonl", "a") as sink:
         for cap in [*([] if args.no_whole_gpu else [None]), *args.caps]:

@@ -192,12 +192,13 @@ def full_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return logp, entropy
 
 
-def make_learner(model: torch.nn.Module, row: Row, shape: Shape, device: torch.device) -> Any:
-    """A LearnerActor configured for `row`, training `model` (handed over in place of loading one)."""
+def make_learner(model: torch.nn.Module, row: Row, shape: Shape, device: torch.device, max_tokens: int | None = None) -> Any:
+    """A LearnerActor configured for `row`, training `model` (handed over in place of loading one).
+    `max_tokens`: its micro-batch token budget when given, else one sequence of `shape`'s (row.micro_batch)."""
     import grpo_ray.actors.learner as learner_module
     from grpo_ray.config import load_config
 
-    sequence = shape.prompt_tokens + shape.completion_tokens
+    sequence = shape.prompt_tokens + shape.completion_tokens if max_tokens is None else max_tokens
     cfg = load_config([
         "model.name_or_path=random-weights", f"model.quantization={row.quantization}", "model.dtype=bfloat16",
         f"model.lora.r={LORA_R}", f"model.lora.alpha={2 * LORA_R}", f"rollout.num_generations={shape.generations}",
@@ -311,7 +312,8 @@ def measure(name: str, row: Row, shape_name: str, shape: Shape, cap_gib: float |
         cap_memory(device, cap_gib)  # as cluster.learner_memory_gib does in the learner actor
     tokens = shape.generations * (shape.prompt_tokens + shape.completion_tokens)
     record: dict[str, Any] = {"row": name, "shape": shape_name, **asdict(row), "tokens": tokens, "cap_gib": cap_gib,
-                              "device": torch.cuda.get_device_name(device), **versions()}  # fmt: skip
+                              "device": torch.cuda.get_device_name(device), **versions(),
+                              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}  # fmt: skip
     if row.kernel == "full_logits":
         estimate = standard_estimate(config, tokens)
         record["estimate_gib"] = {k: round(v, 2) for k, v in estimate.items()}

@@ -105,6 +105,8 @@ def run(model_dir: Path, variant: str, steps: int, out: Path, extra: list[str], 
         "tokens_per_s_p50": round(statistics.median(r["perf/tokens_per_s"] for r in records)),
         "learner_peak_gib": round(max(r.get("memory/learner_peak_gib", 0.0) for r in records), 2),
         "sampling_logp_gap_max": round(max(r["sampling/sampling_logp_difference/max"] for r in records), 4),
+        # the sync check's quantity (trainer.sync_check_tolerance bounds it): its largest over the steps
+        "sampling_logp_gap_mean_max": round(max(r["sampling/sampling_logp_difference/mean"] for r in records), 4),
     }  # fmt: skip
 
 

@@ -97,3 +97,31 @@ def test_whole_step_runs_one_colocated_grpo_ray_step_at_the_length(tiny_model_di
     assert cfg.task.source == "file" and bench_context.Path(cfg.task.path).exists()
     assert record["row"] == "whole_step" and record["length"] == 40960 and record["prompt_tokens"] == 512
     assert record["error"] == "exit 1" and not bench_context.fits(record)
+
+
+def test_speed_takes_the_lengths_in_turn_on_one_learner_one_sequence_a_micro_batch(monkeypatch):
+    """The 32K-vs-4K comparison: warm-up at each length (longest first), then the lengths in turn,
+    each step one sequence a micro-batch; tokens/s from each length's median step."""
+    tiny = {**bench_context.LLAMA_31_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}  # fmt: skip
+    made, stepped = [], []
+
+    def make_learner(*args, **kwargs):
+        learner = real_make_learner(*args, **kwargs)
+        made.append(learner)
+        train_step = learner.train_step
+        learner.train_step = lambda scored: stepped.append(len(scored.rollout.completion_ids[0]) + 512) or train_step(scored)
+        return learner
+
+    real_make_learner = bench_context.make_learner
+    monkeypatch.setattr(bench_context, "make_learner", make_learner)
+    row = bench_context.Row("none", "offload", "reference", "sequence", sequence_chunk_tokens=256)
+    record = bench_context.speed(row, [576, 1024], repeats=2, model_config=tiny)
+    assert len(made) == 1 and stepped == [1024, 576, 576, 1024, 576, 1024]
+    assert record["micro_batches"] == {576: 4, 1024: 4} and record["device"] == "cpu"
+    for length, times in record["step_s"].items():
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert record["tokens_per_s_median"][length] == round(4 * length / (sum(times) / 2))
+    fast = record["tokens_per_s_median"]
+    assert record["slower_than_shortest"] == {576: 0.0, 1024: round(1 - fast[1024] / fast[576], 4)}
+    assert record["sequence_chunk_tokens"] == 256 and record["repeats"] == 2
