@@ -177,9 +177,7 @@ def prompt_file(model_dir: Path, tokens: int, path: Path, rows: int = 8) -> int:
 def whole_step(length: int, cap_gib: float | None, timeout_s: float) -> dict[str, Any]:
     """Part (b) at `length` tokens a sequence: one colocated grpo-ray step (bench_sync.run); its record."""
     model_dir = WHOLE.models / "llama-3.1-8b"
-    if not (model_dir / "config.json").exists():  # built in its own process: no CUDA context stays in this one
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "random_model.py"),
-                        "llama-3.1-8b", str(model_dir)], check=True)  # fmt: skip
+    bench_sync.ensure_model("llama-3.1-8b", model_dir)
     out = Path(tempfile.mkdtemp(prefix="bench-context-"))
     prompt_tokens = prompt_file(model_dir, PROMPT_TOKENS, out / "prompts.jsonl")
     ours = CONFIGS["ours"]  # the learner's settings; one sequence a micro-batch
