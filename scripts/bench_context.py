@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sync  # noqa: E402
 import torch  # noqa: E402
 from bench_memory import Row, Shape, build_model, log, make_learner, measure, random_rollout, versions  # noqa: E402
-from random_model import LLAMA_31_8B  # noqa: E402
+from random_model import LLAMA_31_8B, ensure  # noqa: E402
 
 PROMPT_TOKENS = 512
 GENERATIONS = 4
@@ -177,7 +177,7 @@ def prompt_file(model_dir: Path, tokens: int, path: Path, rows: int = 8) -> int:
 def whole_step(length: int, cap_gib: float | None, timeout_s: float) -> dict[str, Any]:
     """Part (b) at `length` tokens a sequence: one colocated grpo-ray step (bench_sync.run); its record."""
     model_dir = WHOLE.models / "llama-3.1-8b"
-    bench_sync.ensure_model("llama-3.1-8b", model_dir)
+    ensure("llama-3.1-8b", model_dir)
     out = Path(tempfile.mkdtemp(prefix="bench-context-"))
     prompt_tokens = prompt_file(model_dir, PROMPT_TOKENS, out / "prompts.jsonl")
     ours = CONFIGS["ours"]  # the learner's settings; one sequence a micro-batch

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_model import build  # noqa: E402
+from random_model import ensure  # noqa: E402
 
 from grpo_ray.actors import vllm_backend as vb  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
@@ -127,8 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     vb.engine_environment()  # the bare engine starts as ours does (spawned, same sampler)
     model_dir = args.models / args.shape
-    if not (model_dir / "config.json").exists():
-        print(json.dumps({"built": build(args.shape, model_dir)}), flush=True)
+    ensure(args.shape, model_dir)
     cfg = load_config([
         f"model.name_or_path={model_dir}", "model.dtype=auto", "rollout=vllm", f"rollout.num_generations={args.g}",
         "rollout.temperature=1.0", f"rollout.max_completion_length={args.tokens}", "rollout.max_prompt_length=128",

@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import SmiPeak, smi_rows  # noqa: E402
+from random_model import ensure  # noqa: E402
 
 from grpo_ray.config import load_config  # noqa: E402
 from grpo_ray.metrics import read_metrics  # noqa: E402
@@ -49,13 +50,6 @@ def visible_gpu() -> str | None:
         return None
     uuids = dict(smi_rows("--query-gpu=index,uuid"))
     return visible[0] if visible[0].startswith("GPU-") else uuids.get(visible[0], visible[0])
-
-
-def ensure_model(shape: str, model_dir: Path) -> None:
-    """The random-weight model of `shape` at `model_dir`, built there if missing, in a process of its own:
-    built here, its CUDA context would stay in this process and count in the memory measured."""
-    if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, str(Path(__file__).with_name("random_model.py")), shape, str(model_dir)], check=True)
 
 
 def percentiles(values_s: list[float]) -> tuple[float, float]:
@@ -127,7 +121,7 @@ def main() -> None:
     results = []
     for shape in args.shapes:
         model_dir = args.models / shape
-        ensure_model(shape, model_dir)
+        ensure(shape, model_dir)
         for path in args.paths:
             results.append(run(model_dir, path, args.steps, Path(tempfile.mkdtemp(prefix="bench-sync-")), extra))
             print(json.dumps(results[-1]), flush=True)

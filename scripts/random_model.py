@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,14 @@ def build(shape: str, path: Path) -> dict:
     params = sum(p.numel() for p in model.parameters())
     return {"shape": shape, "path": str(path), "params": params, "vocab": len(tokenizer),
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def ensure(shape: str, path: Path) -> None:
+    """The random model of `shape` at `path`, built there if missing, in a process of its own: a
+    benchmark that built it itself would keep the CUDA context (and cached memory) in its process,
+    where it counts in the memory measured and in what a vLLM engine finds free."""
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), shape, str(path)], check=True)
 
 
 if __name__ == "__main__":

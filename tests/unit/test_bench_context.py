@@ -128,16 +128,17 @@ def test_speed_takes_the_lengths_in_turn_on_one_learner_one_sequence_a_micro_bat
 
 
 def test_a_missing_model_is_built_by_random_model_in_a_process_of_its_own(tmp_path, monkeypatch):
-    """bench_sync and bench_context's whole_step build a missing model in a subprocess (a CUDA context
-    made in the benchmark's own process would count in the memory it measures), and reuse a saved one."""
-    import bench_sync
+    """The benchmarks (bench_sync, bench_rollout, bench_context's whole_step) build a missing model in a
+    subprocess (a CUDA context made in the benchmark's own process would count in the memory it
+    measures), and reuse a saved one."""
+    import random_model
 
     calls = []
-    monkeypatch.setattr(bench_sync.subprocess, "run", lambda command, check: calls.append(command))
-    bench_sync.ensure_model("llama-3.1-8b", tmp_path / "m")
+    monkeypatch.setattr(random_model.subprocess, "run", lambda command, check: calls.append(command))
+    random_model.ensure("llama-3.1-8b", tmp_path / "m")
     assert len(calls) == 1 and calls[0][0] == sys.executable and calls[0][1].endswith("random_model.py")
     assert calls[0][2:] == ["llama-3.1-8b", str(tmp_path / "m")]
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    bench_sync.ensure_model("llama-3.1-8b", tmp_path / "m")
+    random_model.ensure("llama-3.1-8b", tmp_path / "m")
     assert len(calls) == 1
